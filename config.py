@@ -1,0 +1,110 @@
+"""The one frozen run configuration, its per-task defaults and validation (no TensorFlow here).
+
+Each field is also a command-line flag of the same name (`deepcf.py` builds the flags from the
+field metadata), so `--hidden_size` = `Config.hidden_size` = `build_model(hidden_size=...)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from typing import Any
+
+TASK_NAMES = ("next_song", "audio_features")
+CELLS = ("lstm", "gru")
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the flag."""
+
+
+def _field(default: Any, group: str, help: str, **choices: Any) -> Any:
+    return dataclasses.field(default=default, metadata={"group": group, "help": help, **choices})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run needs. Defaults are the UCL report's next-song settings."""
+
+    task: str = _field("next_song", "data", "Which recommender to run.", choices=TASK_NAMES)
+    data_dir: str = _field(
+        "data/yes_big", "data", "Yes.com directory: song_hash.txt, train.txt, test.txt."
+    )
+    model_dir: str = _field(
+        "runs/next_song", "data", "Where checkpoints, TensorBoard logs and results go."
+    )
+    valid_fraction: float = _field(
+        0.1, "data", "Share of train.txt playlists held out for validation (seeded)."
+    )
+    cell: str = _field("lstm", "model", "Recurrent cell.", choices=CELLS)
+    num_layers: int = _field(2, "model", "Stacked recurrent layers (UCL report: 2).")
+    embedding_size: int = _field(100, "model", "Song embedding size (UCL report: 100).")
+    hidden_size: int = _field(100, "model", "Recurrent state size (UCL report: 100).")
+    dropout: float = _field(0.0, "model", "Dropout on embeddings and between layers.")
+    batch_size: int = _field(100, "training", "Playlists per batch (UCL report: 100).")
+    num_steps: int = _field(
+        20, "training", "Unrolled steps per window; state is carried across windows (UCL: 20)."
+    )
+    learning_rate: float = _field(1e-3, "training", "Adam learning rate.")
+    max_grad_norm: float = _field(5.0, "training", "Clip gradients to this global norm (UCL: 5).")
+    num_epochs: int = _field(10, "training", "Passes over the training playlists.")
+    checkpoint_every_steps: int = _field(
+        0, "training", "Also checkpoint every N steps (0: only at epoch ends)."
+    )
+    seed: int = _field(0, "training", "Seed for the validation split, data order and weights.")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"--{f.name}={value!r}: must be one of {', '.join(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name}={value}: must be a finite number")
+        positive = ("num_layers", "embedding_size", "hidden_size", "batch_size", "num_steps")
+        positive += ("learning_rate", "max_grad_norm", "num_epochs")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ConfigError(f"--valid_fraction={self.valid_fraction}: must be in [0, 1)")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(
+                f"--checkpoint_every_steps={self.checkpoint_every_steps}: must be >= 0"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fields_by_group() -> dict[str, list[dataclasses.Field]]:
+    """Config fields grouped as they appear in `--help` (data, model, training, ...)."""
+    groups: dict[str, list[dataclasses.Field]] = {}
+    for f in dataclasses.fields(Config):
+        groups.setdefault(f.metadata["group"], []).append(f)
+    return groups
+
+
+def make_config(given: dict[str, Any]) -> Config:
+    """The defaults, overridden only by the settings the user actually gave."""
+    return dataclasses.replace(Config(), **given)
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Writes JSON to a temporary file in the same directory, then renames it over `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,143 @@
+"""The one training loop of deepcf: `model.fit` with hooks, checkpoints, resume and final save.
+
+Rerunning the same command after an interrupt restores the newest complete checkpoint (weights,
+carried state, optimizer moments and step counter) and continues from that step, with the same
+data order, because the data schedule is a function of the step.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+import hooks
+
+MODEL_FILE = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Trainer:
+    """Trains a compiled Keras model for `num_epochs` epochs of `steps_per_epoch` steps.
+
+    Args:
+      model: built and compiled, with its optimizer built (see `musicmodel.compile_model`).
+      model_dir: checkpoints go to `model_dir/checkpoints`, TensorBoard logs to
+        `model_dir/tensorboard`, the final model to `model_dir/model.keras`.
+      checkpoint_every_steps: also checkpoint every N steps (0: only at epoch ends).
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        model_dir: str,
+        *,
+        num_epochs: int,
+        steps_per_epoch: int,
+        checkpoint_every_steps: int = 0,
+        model_file: str = MODEL_FILE,
+    ):
+        self.model = model
+        self.model_dir = model_dir
+        self.num_epochs = num_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.model_file = model_file
+        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        self.manager = tf.train.CheckpointManager(
+            checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), max_to_keep=3
+        )
+
+    @property
+    def step(self) -> int:
+        return int(self.model.optimizer.iterations)
+
+    def restore(self) -> int:
+        """Restores the newest checkpoint that loads; returns the global step (0 if none)."""
+        for path in reversed(self.manager.checkpoints):
+            try:
+                self.manager.checkpoint.restore(path).assert_existing_objects_matched()
+            except (tf.errors.OpError, ValueError, AssertionError) as e:
+                logging.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
+                continue
+            logging.info("resuming from %s at step %d", path, self.step)
+            return self.step
+        if self.manager.checkpoints:
+            raise hooks.TrainingError(
+                f"{self.manager.directory}: no checkpoint could be read; delete it to start over"
+            )
+        return 0
+
+    def train(
+        self,
+        make_dataset: Callable[[int], tf.data.Dataset],
+        callbacks: Sequence[keras.callbacks.Callback] = (),
+        verbose: str | int = "auto",
+    ) -> None:
+        """Fits from the restored step to the end, then saves the final model.
+
+        Args:
+          make_dataset: step -> dataset of the training batches from that global step on.
+          callbacks: task hooks (e.g. `hooks.ValidationHook`), run after the `LossHook` and
+            before the checkpoint and TensorBoard callbacks.
+        """
+        step = self.restore()
+        all_callbacks = [
+            hooks.LossHook(lambda: self.manager.latest_checkpoint),
+            *callbacks,
+            hooks.CheckpointHook(self.manager, self.checkpoint_every_steps),
+            keras.callbacks.TensorBoard(
+                os.path.join(self.model_dir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
+            ),
+        ]
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if offset:  # finish the interrupted epoch first
+            self._fit(
+                make_dataset(step), epoch, self.steps_per_epoch - offset, all_callbacks, verbose
+            )
+            epoch += 1
+        if epoch < self.num_epochs:
+            self._fit(
+                make_dataset(epoch * self.steps_per_epoch), epoch, None, all_callbacks, verbose
+            )
+        else:
+            logging.info("already trained for %d epochs", self.num_epochs)
+        self.save()
+
+    def _fit(self, dataset, epoch: int, steps: int | None, callbacks, verbose) -> None:
+        self.model.fit(
+            dataset,
+            initial_epoch=epoch,
+            epochs=epoch + 1 if steps else self.num_epochs,
+            steps_per_epoch=steps or self.steps_per_epoch,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )
+
+    def save(self) -> str:
+        """Saves the model to `model_dir/model.keras` via a temporary file and a rename."""
+        path = os.path.join(self.model_dir, self.model_file)
+        fd, tmp = tempfile.mkstemp(dir=self.model_dir, prefix=".tmp-", suffix=".keras")
+        os.close(fd)
+        try:
+            self.model.save(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        logging.info("saved %s", path)
+        return path
+
+
+def load_model(model_dir: str, model_file: str = MODEL_FILE) -> keras.Model:
+    """Loads a saved model with Keras safe mode on (no code is unpickled)."""
+    path = os.path.join(model_dir, model_file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no trained model; run --mode=train first")
+    return keras.saving.load_model(path, compile=False, safe_mode=True)

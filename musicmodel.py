@@ -1,0 +1,194 @@
+"""Recurrent music models: a shared LSTM|GRU trunk and the next-song head.
+
+`MusicModel` is song embedding -> `num_layers` x LSTM or GRU -> dense logits over the catalog.
+Training feeds `num_steps` windows of a batch one after the other; the final recurrent state of a
+window is kept in non-trainable variables and used as the initial state of the next window, except
+in rows whose `reset` flag is set (a new playlist starts there), which start from zeros.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+import metrics
+
+
+def recurrent_stack(cell: str, num_layers: int, hidden_size: int, dropout: float) -> list:
+    """`num_layers` LSTM or GRU layers that return sequences and their final states."""
+    layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[cell]
+    return [
+        layer_class(
+            hidden_size,
+            return_sequences=True,
+            return_state=True,
+            dropout=dropout,
+            name=f"{cell}_{i}",
+        )
+        for i in range(num_layers)
+    ]
+
+
+def run_stack(rnns: list, x, states: list, training: bool = False):
+    """Runs the stacked layers. `states` has one list of state tensors per layer."""
+    finals = []
+    for rnn, initial in zip(rnns, states, strict=True):
+        x, *final = rnn(x, initial_state=initial, training=training)
+        finals.append(final)
+    return x, finals
+
+
+def masked_cross_entropy(targets, logits, weights):
+    """Per-event cross-entropy (nats) and its mean over the real events of the batch.
+
+    Args:
+      targets: int32 [batch, time] song ids; logits: float [batch, time, songs];
+      weights: float32 [batch, time], 0 at padding.
+
+    Returns:
+      (per_event [batch, time], mean over events: sum(weights * ce) / sum(weights)).
+    """
+    per_event = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    mean = ops.sum(per_event * weights) / ops.maximum(ops.sum(weights), 1.0)
+    return per_event, mean
+
+
+@keras.saving.register_keras_serializable(package="deepcf")
+class MusicModel(keras.Model):
+    """Next-song model with per-row carried state.
+
+    Call inputs: `(tokens, reset)` with tokens int32 [batch, time] (0 = padding) and reset bool
+    [batch]; output: logits float32 [batch, time, num_songs] (column s is song id s).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_songs: int,
+        cell: str = "lstm",
+        num_layers: int = 2,
+        embedding_size: int = 100,
+        hidden_size: int = 100,
+        dropout: float = 0.0,
+        batch_size: int = 100,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_songs, self.cell, self.num_layers = num_songs, cell, num_layers
+        self.embedding_size, self.hidden_size = embedding_size, hidden_size
+        self.dropout_rate, self.batch_size = dropout, batch_size
+        self.embedding = layers.Embedding(num_songs + 1, embedding_size, name="song_embedding")
+        self.drop = layers.Dropout(dropout)
+        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
+        self.head = layers.Dense(num_songs, name="next_song_logits")
+        per_layer = 2 if cell == "lstm" else 1
+        self.carried = [
+            [
+                self.add_weight(
+                    shape=(batch_size, hidden_size),
+                    initializer="zeros",
+                    trainable=False,
+                    name=f"carried_{i}_{j}",
+                )
+                for j in range(per_layer)
+            ]
+            for i in range(num_layers)
+        ]
+        self.ranking = metrics.RankingMetrics()
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_songs": self.num_songs,
+            "cell": self.cell,
+            "num_layers": self.num_layers,
+            "embedding_size": self.embedding_size,
+            "hidden_size": self.hidden_size,
+            "dropout": self.dropout_rate,
+            "batch_size": self.batch_size,
+        }
+
+    def build(self, input_shape=None) -> None:
+        tokens = ops.zeros((self.batch_size, 1), "int32")
+        self.forward(tokens, self.zero_state(self.batch_size))
+        self.built = True
+
+    def zero_state(self, batch: int) -> list:
+        """All-zero initial state for `batch` rows."""
+        return [[ops.zeros((batch, self.hidden_size)) for _ in layer] for layer in self.carried]
+
+    def forward(self, tokens, states: list, training: bool = False):
+        """Pure forward pass: (logits [batch, time, songs], final states)."""
+        x = self.drop(self.embedding(tokens), training=training)
+        x, finals = run_stack(self.rnns, x, states, training=training)
+        return self.head(self.drop(x, training=training)), finals
+
+    def call(self, inputs, training: bool = False):
+        tokens, reset = inputs
+        keep = ops.expand_dims(ops.logical_not(ops.cast(reset, "bool")), -1)
+        states = [[ops.where(keep, v, 0.0) for v in layer] for layer in self.carried]
+        logits, finals = self.forward(tokens, states, training=training)
+        for layer_vars, layer_finals in zip(self.carried, finals, strict=True):
+            for var, value in zip(layer_vars, layer_finals, strict=True):
+                var.assign(value)
+        return logits
+
+    @property
+    def metrics(self) -> list:
+        return [self.loss_tracker, self.ranking]
+
+    def train_step(self, data):
+        (tokens, reset), targets, weights = data
+        with tf.GradientTape() as tape:
+            logits = self((tokens, reset), training=True)
+            per_event, loss = masked_cross_entropy(targets, logits, weights)
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply(grads, self.trainable_variables)
+        self.loss_tracker.update_state(per_event, sample_weight=weights)
+        return {"loss": self.loss_tracker.result()}
+
+    def test_step(self, data):
+        (tokens, reset), targets, weights = data
+        logits = self((tokens, reset), training=False)
+        log_probs = -ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+        ranks = metrics.pessimistic_ranks(logits, targets)
+        self.ranking.update_state(ranks, log_probs, sample_weight=weights)
+        return self.ranking.result()
+
+
+def build_model(
+    *,
+    num_songs: int,
+    cell: str,
+    num_layers: int,
+    embedding_size: int,
+    hidden_size: int,
+    dropout: float,
+    batch_size: int,
+    learning_rate: float,
+    max_grad_norm: float,
+) -> MusicModel:
+    """A built and compiled `MusicModel` (Adam, clipping by global norm)."""
+    model = MusicModel(
+        num_songs=num_songs,
+        cell=cell,
+        num_layers=num_layers,
+        embedding_size=embedding_size,
+        hidden_size=hidden_size,
+        dropout=dropout,
+        batch_size=batch_size,
+    )
+    model.build()
+    compile_model(model, learning_rate, max_grad_norm)
+    return model
+
+
+def compile_model(model: keras.Model, learning_rate: float, max_grad_norm: float) -> None:
+    """Adam with global-norm clipping; builds the optimizer so checkpoints can restore into it."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate, global_clipnorm=max_grad_norm),
+        jit_compile=False,
+    )
+    model.optimizer.build(model.trainable_variables)

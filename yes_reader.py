@@ -1,0 +1,264 @@
+"""Reads Cornell Yes.com playlist files into padded, windowed `tf.data` pipelines.
+
+Token convention: `PAD_ID = 0` is padding and never a song; song id `s` (0-based, as in
+`song_hash.txt`) is input token `s + 1`. Targets are plain song ids, paired with a weight that is
+1 for a real event and 0 for padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+PAD_ID = 0
+MIN_EVENTS_NOTE = "a playlist of one song has no next song to predict"
+
+
+class DataError(ValueError):
+    """Bad input data; the message starts with `path:line:` (or `path:`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Catalog:
+    """Song titles and artists, indexed by 0-based song id."""
+
+    titles: tuple[str, ...]
+    artists: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.titles)
+
+
+def _read_lines(path: str) -> list[str]:
+    """Returns the lines of a text file; LF, CRLF and CR-only endings all work.
+
+    Bytes that are not UTF-8 are replaced by U+FFFD (and counted in a warning) rather than
+    rejected: titles are only shown to people, ids must still parse.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    text = raw.decode("utf-8", errors="replace")
+    if "\ufffd" in text:
+        bad = sum("\ufffd" in line for line in text.splitlines())
+        logging.warning("%s: %d line(s) have bytes that are not UTF-8; shown as U+FFFD", path, bad)
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def read_catalog(path: str) -> Catalog:
+    """Reads `song_hash.txt`: `id<TAB>title<TAB>artist`, ids 0..N-1 in order.
+
+    Stray spaces around fields are ignored and `\\/` is unescaped to `/`.
+    """
+    titles, artists = [], []
+    for lineno, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("\t")]
+        if len(fields) < 2 or not fields[0].isdigit():
+            raise DataError(f"{path}:{lineno}: expected 'id<TAB>title<TAB>artist', got {line!r}")
+        if int(fields[0]) != len(titles):
+            raise DataError(f"{path}:{lineno}: expected song id {len(titles)}, got {fields[0]}")
+        titles.append(fields[1].replace("\\/", "/"))
+        artists.append(fields[2].replace("\\/", "/") if len(fields) > 2 else "")
+    if not titles:
+        raise DataError(f"{path}: no songs")
+    return Catalog(tuple(titles), tuple(artists))
+
+
+def _parse_playlist(path: str, lineno: int, line: str, num_songs: int) -> np.ndarray:
+    try:
+        ids = np.array(line.split(), dtype=np.int64)
+    except ValueError:
+        token = next(t for t in line.split() if not t.lstrip("-").isdigit())
+        raise DataError(f"{path}:{lineno}: song id {token!r} is not an integer") from None
+    bad = ids[(ids < 0) | (ids >= num_songs)]
+    if bad.size:
+        raise DataError(
+            f"{path}:{lineno}: song id {bad[0]} is outside the catalog (0..{num_songs - 1})"
+        )
+    return (ids + 1).astype(np.int32)
+
+
+def read_playlists(path: str, num_songs: int) -> list[np.ndarray]:
+    """Reads a Yes.com `train.txt`/`test.txt`: two header lines, then one playlist per line.
+
+    Returns:
+      One int32 array of tokens (song id + 1) per playlist, in file order.
+    """
+    lines = _read_lines(path)
+    if not lines:
+        raise DataError(f"{path}: file is empty")
+    for lineno in (1, 2):
+        width = len(lines[lineno - 1].split()) if len(lines) >= lineno else 0
+        if width != num_songs:
+            raise DataError(
+                f"{path}:{lineno}: expected header line {lineno} of {num_songs} numbers (one per "
+                f"song in song_hash.txt), got {width}; Yes.com files start with two header lines"
+            )
+    playlists = [
+        _parse_playlist(path, lineno, line, num_songs)
+        for lineno, line in enumerate(lines[2:], start=3)
+    ]
+    if not playlists:
+        raise DataError(f"{path}: no playlists after the two header lines")
+    return playlists
+
+
+def split_validation(
+    playlists: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Holds out a seeded random `fraction` of whole playlists for validation."""
+    order = np.random.default_rng(seed).permutation(len(playlists))
+    n_valid = int(round(fraction * len(playlists)))
+    valid = sorted(order[:n_valid])
+    train = sorted(order[n_valid:])
+    logging.info("split train.txt: %d train, %d validation playlists", len(train), len(valid))
+    return [playlists[i] for i in train], [playlists[i] for i in valid]
+
+
+def count_events(playlists: list[np.ndarray]) -> int:
+    """Number of (history, next song) events: sum of max(len - 1, 0)."""
+    return int(sum(max(len(p) - 1, 0) for p in playlists))
+
+
+@dataclasses.dataclass(frozen=True)
+class Windows:
+    """Playlists cut into `num_steps` windows for truncated back-propagation.
+
+    Playlists are sorted by length and grouped into batches of `batch_size` rows (the last batch is
+    filled with empty rows); each batch is cut into consecutive windows. The recurrent state is
+    carried from one window of a batch to the next and reset where `reset` is true (the first
+    window of every batch, i.e. wherever a row starts a new playlist).
+
+    Attributes:
+      inputs: int32 [windows, batch, num_steps], tokens (PAD_ID = 0 is padding).
+      targets: int32 [windows, batch, num_steps], next song id (0 where padded).
+      weights: float32 [windows, batch, num_steps], 1 for a real event, 0 for padding.
+      reset: bool [windows, batch], start every row from a zero state.
+      batch_starts: int64 [batches + 1], first window of each batch.
+      playlists: number of playlists read, including those without events.
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    reset: np.ndarray
+    batch_starts: np.ndarray
+    playlists: int
+
+    @property
+    def events(self) -> int:
+        return int(self.weights.sum())
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.inputs)
+
+
+def make_windows(
+    playlists: list[np.ndarray], batch_size: int, num_steps: int, seed: int = 0
+) -> Windows:
+    """Sorts playlists by length (seeded tie-break), batches them and cuts the batches into windows.
+
+    Nothing is dropped: the last partial batch and each row's last partial window are kept and
+    padded. Playlists with fewer than two songs give no event and are counted in the log.
+    """
+    usable = [p for p in playlists if len(p) >= 2]
+    if len(usable) < len(playlists):
+        logging.info("%d playlist(s) with < 2 songs give no events", len(playlists) - len(usable))
+    if not usable:
+        raise DataError(f"no playlist has 2 or more songs: nothing to learn ({MIN_EVENTS_NOTE})")
+    tiebreak = np.random.default_rng(seed).random(len(usable))
+    order = np.lexsort((tiebreak, [len(p) for p in usable]))
+    parts, starts = [], [0]
+    for first in range(0, len(order), batch_size):
+        rows = [usable[i] for i in order[first : first + batch_size]]
+        n_windows = -(-(max(len(r) for r in rows) - 1) // num_steps)
+        grid = np.zeros((batch_size, n_windows * num_steps + 1), np.int32)
+        for r, row in enumerate(rows):
+            grid[r, : len(row)] = row
+        parts.append(grid)
+        starts.append(starts[-1] + n_windows)
+    inputs, targets = [], []
+    for grid in parts:
+        shape = (batch_size, -1, num_steps)
+        inputs.append(grid[:, :-1].reshape(shape).transpose(1, 0, 2))
+        targets.append(grid[:, 1:].reshape(shape).transpose(1, 0, 2))
+    inputs, targets = np.concatenate(inputs), np.concatenate(targets)
+    reset = np.zeros(inputs.shape[:2], bool)
+    reset[starts[:-1]] = True
+    return Windows(
+        inputs=inputs,
+        targets=np.maximum(targets - 1, 0),
+        weights=(targets != PAD_ID).astype(np.float32),
+        reset=reset,
+        batch_starts=np.asarray(starts, np.int64),
+        playlists=len(playlists),
+    )
+
+
+def schedule(windows: Windows, num_epochs: int, seed: int) -> np.ndarray:
+    """Window order for a whole run: per epoch, batches in a seeded shuffled order.
+
+    Windows of one batch stay consecutive and in order so the state can be carried. Epoch `e`
+    depends only on (`seed`, `e`), so a resumed run continues with the same data order.
+    """
+    starts = windows.batch_starts
+    epochs = []
+    for epoch in range(num_epochs):
+        batches = np.random.default_rng([seed, epoch]).permutation(len(starts) - 1)
+        epochs.append(np.concatenate([np.arange(starts[b], starts[b + 1]) for b in batches]))
+    return np.concatenate(epochs)
+
+
+def to_dataset(windows: Windows, order: np.ndarray | None = None) -> tf.data.Dataset:
+    """A `tf.data` pipeline of `((inputs, reset), targets, weights)` windows in `order`."""
+    order = np.arange(windows.num_windows) if order is None else order
+    arrays = (windows.inputs, windows.reset, windows.targets, windows.weights)
+    tensors = tuple(tf.constant(a) for a in arrays)
+
+    def pick(i):
+        inputs, reset, targets, weights = (tf.gather(t, i) for t in tensors)
+        return (inputs, reset), targets, weights
+
+    return (
+        tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
+        .map(pick, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class YesData:
+    """A Yes.com directory read and split: catalog plus train/validation/test playlists."""
+
+    catalog: Catalog
+    train: list[np.ndarray]
+    valid: list[np.ndarray]
+    test: list[np.ndarray]
+
+
+def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
+    """Reads `song_hash.txt`, `train.txt` and `test.txt` from `data_dir` and splits off validation."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"{data_dir}: data directory not found")
+    catalog = read_catalog(os.path.join(data_dir, "song_hash.txt"))
+    train = read_playlists(os.path.join(data_dir, "train.txt"), catalog.size)
+    test = read_playlists(os.path.join(data_dir, "test.txt"), catalog.size)
+    train, valid = split_validation(train, valid_fraction, seed)
+    for name, split in (("train", train), ("validation", valid), ("test", test)):
+        logging.info("%s: %d playlists, %d events", name, len(split), count_events(split))
+    return YesData(catalog, train, valid, test)
