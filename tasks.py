@@ -12,7 +12,6 @@ import os
 import platform
 
 import keras
-import numpy as np
 from absl import logging
 
 import config as config_lib

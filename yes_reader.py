@@ -252,7 +252,7 @@ class YesData:
 
 
 def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
-    """Reads `song_hash.txt`, `train.txt` and `test.txt` from `data_dir` and splits off validation."""
+    """Reads song_hash.txt, train.txt and test.txt of `data_dir`; splits off validation."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     catalog = read_catalog(os.path.join(data_dir, "song_hash.txt"))
