@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny hand-made Yes.com directories and slices of the shipped data."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def write_playlist_file(path: pathlib.Path, playlists: list[list[int]], num_songs: int) -> None:
+    """Writes a Yes.com playlist file: two header lines of `num_songs` numbers, then playlists."""
+    counts = [0] * num_songs
+    for playlist in playlists:
+        for song in playlist:
+            if 0 <= song < num_songs:
+                counts[song] += 1
+    lines = [" ".join(str(1000 + i) for i in range(num_songs)) + " "]
+    lines.append(" ".join(map(str, counts)) + " ")
+    lines += [" ".join(map(str, p)) + " " for p in playlists]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_yes_dir(
+    directory: pathlib.Path,
+    train: list[list[int]],
+    test: list[list[int]],
+    num_songs: int,
+) -> pathlib.Path:
+    """A complete tiny Yes.com directory (song_hash.txt, train.txt, test.txt)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    titles = "".join(f"{i}\tSong {i}\tArtist {i % 3}\n" for i in range(num_songs))
+    (directory / "song_hash.txt").write_text(titles)
+    write_playlist_file(directory / "train.txt", train, num_songs)
+    write_playlist_file(directory / "test.txt", test, num_songs)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def small_slice(tmp_path_factory) -> pathlib.Path:
+    """The first 800 train and 200 test playlists of the shipped data/yes_small."""
+    out = tmp_path_factory.mktemp("yes_small_slice")
+    source = ROOT / "data" / "yes_small"
+    for name in ("song_hash.txt", "tags.txt", "tag_hash.txt"):
+        shutil.copy(source / name, out / name)
+    for name, keep in (("train.txt", 800), ("test.txt", 200)):
+        with open(source / name) as f:
+            lines = [next(f) for _ in range(keep + 2)]
+        (out / name).write_text("".join(lines))
+    return out
