@@ -24,6 +24,7 @@ setup(
         "pandas",
         "absl-py",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={"test": ["pytest", "hypothesis", "ruff"]},
     entry_points={"console_scripts": ["deepcf=deepcf:run"]},
