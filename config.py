@@ -102,7 +102,7 @@ def write_json_atomic(path: str, payload: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
+            json.dump(payload, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -1,0 +1,105 @@
+"""End to end on a slice of the shipped yes_small: train, TensorBoard scalars, eval, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+
+import config as config_lib
+import tasks
+from conftest import ROOT
+
+SMALL = dict(embedding_size=16, hidden_size=16, batch_size=20, num_steps=5, learning_rate=0.01)
+
+
+def scalars(run_dir: str, split: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of `run_dir/tensorboard/<split>` as {tag: [(step, value), ...]}."""
+    acc = event_accumulator.EventAccumulator(
+        os.path.join(run_dir, "tensorboard", split), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        out[tag] = [(e.step, float(np.asarray(_value(e)))) for e in events]
+    return out
+
+
+def _value(event):
+    return tf.make_ndarray(event.tensor_proto)
+
+
+@pytest.fixture(scope="module")
+def trained(small_slice, tmp_path_factory) -> config_lib.Config:
+    model_dir = str(tmp_path_factory.mktemp("run"))
+    cfg = config_lib.make_config(
+        dict(data_dir=str(small_slice), model_dir=model_dir, num_epochs=3, **SMALL)
+    )
+    tasks.TASKS["next_song"].train(cfg)
+    return cfg
+
+
+def test_training_writes_model_config_and_falling_loss(trained):
+    assert os.path.exists(os.path.join(trained.model_dir, "model.keras"))
+    run = json.load(open(os.path.join(trained.model_dir, "config.json")))
+    assert run["config"]["hidden_size"] == 16 and run["num_songs"] == 3168
+    assert set(run["data_md5"]) == {
+        os.path.join(trained.data_dir, f) for f in ("song_hash.txt", "train.txt", "test.txt")
+    }
+    losses = [v for _, v in scalars(trained.model_dir, "train")["epoch_loss"]]
+    assert len(losses) == 3 and losses[2] < losses[0]
+
+
+def test_tensorboard_has_train_and_validation_scalars(trained):
+    train = scalars(trained.model_dir, "train")
+    valid = scalars(trained.model_dir, "validation")
+    for tag in ("epoch_loss", "epoch_perplexity", "epoch_learning_rate"):
+        assert [s for s, _ in train[tag]] == [0, 1, 2], tag
+    for tag in ("epoch_loss", "epoch_perplexity", "epoch_recall@20", "epoch_mrr@20"):
+        assert [s for s, _ in valid[tag]] == [0, 1, 2], tag
+    assert all(0 <= v <= 1 for _, v in valid["epoch_recall@20"])
+
+
+def test_eval_cli_writes_metrics_json(trained):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deepcf.py"),
+            "--mode=eval",
+            f"--data_dir={trained.data_dir}",
+            f"--model_dir={trained.model_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "R@20" in result.stdout
+    m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
+    assert m["task"] == "next_song" and m["split"] == "test"
+    assert isinstance(m["events"], int) and isinstance(m["playlists"], int)
+    for kind in ("recall", "mrr", "ndcg"):
+        assert list(m[kind]) == ["1", "5", "10", "20", "100", "500"]
+    assert m["recall"]["500"] >= m["recall"]["20"] >= m["recall"]["1"]
+    assert m["perplexity"] == pytest.approx(np.exp(-m["log_likelihood"]), rel=1e-4)
+
+
+def test_resume_continues_at_the_next_epoch(small_slice, tmp_path):
+    base = dict(data_dir=str(small_slice), model_dir=str(tmp_path), **SMALL)
+    tasks.TASKS["next_song"].train(config_lib.make_config(dict(base, num_epochs=1)))
+    steps_per_epoch = int(
+        sorted(os.listdir(tmp_path / "checkpoints"))[-1].split("-")[1].split(".")[0]
+    )
+    tasks.TASKS["next_song"].train(config_lib.make_config(dict(base, num_epochs=2)))
+    ckpts = os.listdir(tmp_path / "checkpoints")
+    assert f"ckpt-{2 * steps_per_epoch}.index" in ckpts
+    # The rerun logged only epoch index 1 (epoch 2): its event file has a single step.
+    steps = [s for s, _ in scalars(str(tmp_path), "train")["epoch_loss"]]
+    assert steps == [0, 1]
