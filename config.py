@@ -15,6 +15,8 @@ from typing import Any
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
+BASELINES = ("popularity", "markov", "sknn", "sknn_history_last")  # see baselines.py
+BLEND_COMPONENTS = ("rnn", *BASELINES)
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,18 @@ class Config:
         0, "training", "Also checkpoint every N steps (0: only at epoch ends)."
     )
     seed: int = _field(0, "training", "Seed for the validation split, data order and weights.")
+    baselines: str = _field(
+        "",
+        "evaluation",
+        f"Comma-separated baselines scored with the model in --mode=eval: {', '.join(BASELINES)}.",
+    )
+    blend: str = _field(
+        "",
+        "evaluation",
+        "Hybrid scoring in --mode=eval, e.g. rnn:0.3,markov:0.5,sknn:0.2: a weighted sum of "
+        "per-event probabilities; names without weights (rnn,markov,sknn) choose the weights on "
+        "the validation split.",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -77,9 +91,57 @@ class Config:
             raise ConfigError(
                 f"--checkpoint_every_steps={self.checkpoint_every_steps}: must be >= 0"
             )
+        for name in self.baseline_names:
+            if name not in BASELINES:
+                raise ConfigError(
+                    f"--baselines={self.baselines}: unknown baseline {name!r}; "
+                    f"choose from {', '.join(BASELINES)}"
+                )
+        parse_blend(self.blend)
+
+    @property
+    def baseline_names(self) -> tuple[str, ...]:
+        """The --baselines names in the given order."""
+        return tuple(name.strip() for name in self.baselines.split(",") if name.strip())
+
+    @property
+    def blend_weights(self) -> dict[str, float | None]:
+        """--blend as {component: weight} (see `parse_blend`)."""
+        return parse_blend(self.blend)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def parse_blend(spec: str) -> dict[str, float | None]:
+    """`rnn:0.3,markov:0.7` -> {"rnn": 0.3, "markov": 0.7}; `rnn,markov` -> weights None (tune).
+
+    Raises:
+      ConfigError naming --blend: unknown or repeated names, weights < 0 or not numbers, some
+        weights missing, all weights 0, or a single component.
+    """
+    out: dict[str, float | None] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, weight = (s.strip() for s in part.partition(":"))
+        if name not in BLEND_COMPONENTS or name in out:
+            raise ConfigError(
+                f"--blend={spec}: {name!r} is unknown or repeated; "
+                f"choose from {', '.join(BLEND_COMPONENTS)}"
+            )
+        try:
+            out[name] = float(weight) if weight else None
+        except ValueError:
+            raise ConfigError(f"--blend={spec}: weight {weight!r} is not a number") from None
+        if out[name] is not None and not 0.0 <= out[name] < math.inf:
+            raise ConfigError(f"--blend={spec}: the weight of {name} must be a number >= 0")
+    given = [w is not None for w in out.values()]
+    if any(given) and not all(given):
+        raise ConfigError(f"--blend={spec}: give a weight for every name or for none")
+    if out and all(given) and sum(w for w in out.values() if w) <= 0:
+        raise ConfigError(f"--blend={spec}: the weights must not all be 0")
+    if len(out) == 1:
+        raise ConfigError(f"--blend={spec}: a blend needs at least two components")
+    return out
 
 
 def fields_by_group() -> dict[str, list[dataclasses.Field]]:
