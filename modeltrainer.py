@@ -8,6 +8,7 @@ data order, because the data schedule is a function of the step.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -77,7 +78,7 @@ class Trainer:
         self,
         make_dataset: Callable[[int], tf.data.Dataset],
         callbacks: Sequence[keras.callbacks.Callback] = (),
-        verbose: str | int = "auto",
+        verbose: int | None = None,
     ) -> None:
         """Fits from the restored step to the end, then saves the final model.
 
@@ -85,7 +86,11 @@ class Trainer:
           make_dataset: step -> dataset of the training batches from that global step on.
           callbacks: task hooks (e.g. `hooks.ValidationHook`), run after the `LossHook` and
             before the checkpoint and TensorBoard callbacks.
+          verbose: Keras verbosity; default: a live progress bar on a terminal, one line per
+            epoch otherwise (so CI logs stay short).
         """
+        if verbose is None:
+            verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
         all_callbacks = [
             hooks.LossHook(lambda: self.manager.latest_checkpoint),
