@@ -69,6 +69,24 @@ class Config:
         "per-event probabilities; names without weights (rnn,markov,sknn) choose the weights on "
         "the validation split.",
     )
+    top_k: int = _field(10, "serving", "Songs returned by --mode=recommend and the export.")
+    history: str = _field(
+        "", "serving", "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first."
+    )
+    history_file: str = _field(
+        "",
+        "serving",
+        "--mode=recommend: a file with one history per line (song ids separated by spaces or "
+        "commas); recommends for each line.",
+    )
+    exclude_history: bool = _field(
+        True, "serving", "Never recommend a song that is already in the history."
+    )
+    export_version: int = _field(
+        0,
+        "serving",
+        "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -91,6 +109,12 @@ class Config:
             raise ConfigError(
                 f"--checkpoint_every_steps={self.checkpoint_every_steps}: must be >= 0"
             )
+        if self.top_k <= 0:
+            raise ConfigError(f"--top_k={self.top_k}: must be > 0")
+        if self.export_version < 0:
+            raise ConfigError(f"--export_version={self.export_version}: must be >= 0")
+        if self.history and self.history_file:
+            raise ConfigError("--history and --history_file: give only one of them")
         for name in self.baseline_names:
             if name not in BASELINES:
                 raise ConfigError(
