@@ -39,7 +39,8 @@ class LossHook(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None or "loss" not in logs:
             return
-        logs["perplexity"] = math.exp(min(float(logs["loss"]), 700.0))
+        # float32 like the metrics: a diverged loss gives inf, which TensorBoard can log.
+        logs["perplexity"] = float(keras.ops.exp(float(logs["loss"])))
         logging.info(
             "epoch %d: train loss %.4f per event, perplexity %.1f",
             epoch + 1,
