@@ -420,7 +420,7 @@ def standardize(
         raise DataError("no training plays to fit the feature scaling on")
     mean, std = fit.mean(axis=0), fit.std(axis=0)
     if np.any(std == 0):
-        logging.warning("constant feature(s) %s: left unscaled", np.asarray(FEATURES)[std == 0])
+        logging.warning("constant feature column(s) %s: left unscaled", np.flatnonzero(std == 0))
     std = np.where(std > 0, std, 1.0)
     return ((features - mean) / std).astype(np.float32), mean, std
 

@@ -328,7 +328,7 @@ def plot_hit_rate(results: dict, path: str, protocol: str = "window", title: str
     ax.set_xticks(x, months, rotation=45, ha="right")
     ax.set_ylabel("samples per month")
     rate = ax.twinx()
-    styles = {"model": "o-", "model_single": "s-", "ceiling": "k--"}
+    styles = {"model": "o-", "model_single": "s-", "ceiling": "--"}
     colors = {"model": "tab:green", "model_single": "tab:brown", "ceiling": "black"}
     for method in (m for m in METHODS if m in res):
         values = [res[method]["months"][m]["hit_rate"] for m in months]
