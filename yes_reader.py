@@ -7,14 +7,20 @@ Token convention: `PAD_ID = 0` is padding and never a song; song id `s` (0-based
 
 from __future__ import annotations
 
+import collections
+import csv
 import dataclasses
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 PAD_ID = 0
+CSV_HEADER = ("playlist_id", "position", "song_id")
+PROGRESS_SECONDS = 10  # at most one "parsed N of M lines" log line this often
+PROGRESS_LINES = 4096  # look at the clock only every this many lines
 MIN_EVENTS_NOTE = "a playlist of one song has no next song to predict"
 
 
@@ -92,12 +98,39 @@ def _parse_playlist(path: str, lineno: int, line: str, num_songs: int) -> np.nda
     return (ids + 1).astype(np.int32)
 
 
+def _log_progress(path: str, done: int, total: int, start: float) -> None:
+    """Logs `done` of `total` lines with rate and ETA, at most every PROGRESS_SECONDS."""
+    if done % PROGRESS_LINES:
+        return
+    rate = done / max(time.monotonic() - start, 1e-9)
+    logging.log_every_n_seconds(
+        logging.INFO,
+        "%s: parsed %d of %d lines (%.0f lines/s, ETA %.0f s)",
+        PROGRESS_SECONDS,
+        path,
+        done,
+        total,
+        rate,
+        (total - done) / rate,
+    )
+
+
+def playlist_path(data_dir: str, split: str) -> str:
+    """`data_dir/<split>.txt` (Yes.com format), else `data_dir/<split>.csv` if only that exists."""
+    txt, csv_path = (os.path.join(data_dir, f"{split}{ext}") for ext in (".txt", ".csv"))
+    return csv_path if os.path.exists(csv_path) and not os.path.exists(txt) else txt
+
+
 def read_playlists(path: str, num_songs: int) -> list[np.ndarray]:
     """Reads a Yes.com `train.txt`/`test.txt`: two header lines, then one playlist per line.
+
+    A path ending in `.csv` is read by `read_playlists_csv` instead.
 
     Returns:
       One int32 array of tokens (song id + 1) per playlist, in file order.
     """
+    if path.endswith(".csv"):
+        return read_playlists_csv(path, num_songs)
     lines = _read_lines(path)
     if not lines:
         raise DataError(f"{path}: file is empty")
@@ -108,13 +141,99 @@ def read_playlists(path: str, num_songs: int) -> list[np.ndarray]:
                 f"{path}:{lineno}: expected header line {lineno} of {num_songs} numbers (one per "
                 f"song in song_hash.txt), got {width}; Yes.com files start with two header lines"
             )
-    playlists = [
-        _parse_playlist(path, lineno, line, num_songs)
-        for lineno, line in enumerate(lines[2:], start=3)
-    ]
+    playlists, start = [], time.monotonic()
+    for lineno, line in enumerate(lines[2:], start=3):
+        playlists.append(_parse_playlist(path, lineno, line, num_songs))
+        _log_progress(path, lineno, len(lines), start)
     if not playlists:
         raise DataError(f"{path}: no playlists after the two header lines")
     return playlists
+
+
+def _csv_int(path: str, lineno: int, name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(f"{path}:{lineno}: {name} {value!r} is not an integer") from None
+
+
+def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
+    """Reads `playlist_id,position,song_id` rows (after that header line) into playlists.
+
+    A playlist is all rows with its `playlist_id` (any text), ordered by `position` (integers;
+    gaps are fine, repeats are an error); its rows need not be adjacent. Playlists come in the
+    order of their first row.
+
+    Returns:
+      One int32 array of tokens (song id + 1) per playlist.
+    """
+    lines = _read_lines(path)
+    rows = csv.reader(lines)
+    header = [h.strip() for h in next(rows, [])]
+    if header != list(CSV_HEADER):
+        raise DataError(f"{path}:1: expected the header {','.join(CSV_HEADER)}, got {header}")
+    playlists: dict[str, dict[int, tuple[int, int]]] = {}  # id -> position -> (song, line)
+    start = time.monotonic()
+    for fields in rows:
+        lineno = rows.line_num
+        if not any(f.strip() for f in fields):
+            continue
+        if len(fields) != 3:
+            raise DataError(f"{path}:{lineno}: expected 3 fields {CSV_HEADER}, got {fields}")
+        name, position, song = (f.strip() for f in fields)
+        position = _csv_int(path, lineno, "position", position)
+        song = _csv_int(path, lineno, "song_id", song)
+        if not 0 <= song < num_songs:
+            raise DataError(
+                f"{path}:{lineno}: song id {song} is outside the catalog (0..{num_songs - 1})"
+            )
+        rows_of = playlists.setdefault(name, {})
+        if position in rows_of:
+            raise DataError(
+                f"{path}:{lineno}: playlist {name!r} already has position {position} "
+                f"(line {rows_of[position][1]})"
+            )
+        rows_of[position] = (song, lineno)
+        _log_progress(path, lineno, len(lines), start)
+    if not playlists:
+        raise DataError(f"{path}: no playlist rows after the header")
+    return [
+        np.array([rows_of[p][0] + 1 for p in sorted(rows_of)], np.int32)
+        for rows_of in playlists.values()
+    ]
+
+
+def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, ...]:
+    """Each song's most common tag: of its tags in `tags.txt`, the one most songs carry.
+
+    `tags.txt` has one line per song id (tag ids, or `#` for none); `tag_hash.txt` has lines
+    `id, name`. Ties go to the lower tag id.
+
+    Returns:
+      One tag name per song id ("" for a song without tags).
+    """
+    names = {}
+    for lineno, line in enumerate(_read_lines(tag_hash_path), start=1):
+        tag_id, sep, name = line.partition(",")
+        if not sep or not tag_id.strip().isdigit():
+            raise DataError(f"{tag_hash_path}:{lineno}: expected 'id, name', got {line!r}")
+        names[int(tag_id)] = name.strip()
+    lines = _read_lines(tags_path)
+    if len(lines) != num_songs:
+        raise DataError(
+            f"{tags_path}: expected one line per song ({num_songs}, as song_hash.txt), "
+            f"got {len(lines)}"
+        )
+    song_tags = []
+    for lineno, line in enumerate(lines, start=1):
+        tags = [] if line.strip() == "#" else line.split()
+        if not all(t.isdigit() and int(t) in names for t in tags):
+            raise DataError(f"{tags_path}:{lineno}: a tag id is not in {tag_hash_path}: {line!r}")
+        song_tags.append([int(t) for t in tags])
+    counts = collections.Counter(t for tags in song_tags for t in tags)
+    return tuple(
+        names[min(tags, key=lambda t: (-counts[t], t))] if tags else "" for tags in song_tags
+    )
 
 
 def split_validation(
@@ -252,12 +371,12 @@ class YesData:
 
 
 def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
-    """Reads song_hash.txt, train.txt and test.txt of `data_dir`; splits off validation."""
+    """Reads song_hash.txt, train and test (.txt or .csv) of `data_dir`; splits off validation."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     catalog = read_catalog(os.path.join(data_dir, "song_hash.txt"))
-    train = read_playlists(os.path.join(data_dir, "train.txt"), catalog.size)
-    test = read_playlists(os.path.join(data_dir, "test.txt"), catalog.size)
+    train = read_playlists(playlist_path(data_dir, "train"), catalog.size)
+    test = read_playlists(playlist_path(data_dir, "test"), catalog.size)
     train, valid = split_validation(train, valid_fraction, seed)
     for name, split in (("train", train), ("validation", valid), ("test", test)):
         logging.info("%s: %d playlists, %d events", name, len(split), count_events(split))
