@@ -16,11 +16,13 @@ setup(
         "hooks",
         "metrics",
         "tasks",
+        "baselines",
     ],
     install_requires=[
         "tensorflow>=2.16",
         "keras>=3.3",
         "numpy",
+        "scipy",  # sparse matrices for the vectorised Markov and session-kNN baselines
         "pandas",
         "absl-py",
         "tensorboard",

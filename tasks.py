@@ -14,6 +14,7 @@ import platform
 import keras
 from absl import logging
 
+import baselines
 import config as config_lib
 import hooks
 import metrics
@@ -72,12 +73,14 @@ def evaluate_windows(model: keras.Model, windows: yes_reader.Windows) -> dict:
 
 def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 100, 500)) -> None:
     """Prints one row of metrics per method."""
-    head = ["method".ljust(12)] + [f"R@{k}" for k in top_ks] + ["MRR@20", "NDCG@20", "LL"]
-    print("  ".join(h.rjust(7) for h in head))
+    width = max([12, *map(len, rows)])
+    head = ["method".ljust(width)] + [f"R@{k}".rjust(7) for k in top_ks]
+    print("  ".join(head + [h.rjust(7) for h in ("MRR@20", "NDCG@20", "LL")]))
     for name, r in rows.items():
         cells = [f"{r['recall'][str(k)]:.4f}" for k in top_ks]
-        cells += [f"{r['mrr']['20']:.4f}", f"{r['ndcg']['20']:.4f}", f"{r['log_likelihood']:.3f}"]
-        print("  ".join([name.ljust(12).rjust(7)] + [c.rjust(7) for c in cells]))
+        cells += [f"{r['mrr']['20']:.4f}", f"{r['ndcg']['20']:.4f}"]
+        cells.append("-" if r["log_likelihood"] is None else f"{r['log_likelihood']:.3f}")
+        print("  ".join([name.ljust(width)] + [c.rjust(7) for c in cells]))
 
 
 class NextSongTask:
@@ -139,7 +142,12 @@ class NextSongTask:
             "playlists": int(sum(len(p) >= 2 for p in test)),
             **metrics.report(evaluate_windows(model, windows)),
         }
-        print_table({"model": results})
+        if config.baselines or config.blend:
+            results.update(baselines.compare(config, model, windows))
+        rows = {**results.get("baselines", {}), "model": results}
+        if "blend" in results:
+            rows["blend"] = results["blend"]
+        print_table(rows)
         config_lib.write_json_atomic(os.path.join(config.model_dir, "metrics.json"), results)
         logging.info("wrote %s", os.path.join(config.model_dir, "metrics.json"))
         return results
