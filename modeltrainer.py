@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
 from collections.abc import Callable, Sequence
 
 import keras
@@ -21,6 +22,10 @@ import hooks
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+
+
+class ModelError(ValueError):
+    """A saved model or checkpoint cannot be used; the message names the path."""
 
 
 class Trainer:
@@ -50,27 +55,41 @@ class Trainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.model_file = model_file
         checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
-        self.manager = tf.train.CheckpointManager(
-            checkpoint, os.path.join(model_dir, CHECKPOINT_DIR), max_to_keep=3
-        )
+        directory = os.path.join(model_dir, CHECKPOINT_DIR)
+        try:
+            self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
+        except ValueError as e:  # the `checkpoint` list file itself is corrupt
+            raise ModelError(
+                f"{directory}/checkpoint: unreadable ({e}); move {directory} away to start over"
+            ) from None
 
     @property
     def step(self) -> int:
         return int(self.model.optimizer.iterations)
 
     def restore(self) -> int:
-        """Restores the newest checkpoint that loads; returns the global step (0 if none)."""
+        """Restores the newest checkpoint that loads; returns the global step (0 if none).
+
+        The learning rate stays the compiled one (`--learning_rate`), not the checkpoint's, so a
+        run stopped by a NaN loss can go on from its last checkpoint with a lower rate.
+        """
+        learning_rate = float(self.model.optimizer.learning_rate)
+        error = None
         for path in reversed(self.manager.checkpoints):
             try:
                 self.manager.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as e:
+            # A truncated .data file raises IndexError ("Read less bytes than requested").
+            except (tf.errors.OpError, ValueError, AssertionError, IndexError) as e:
                 logging.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
+                error = error or e
                 continue
+            self.model.optimizer.learning_rate = learning_rate
             logging.info("resuming from %s at step %d", path, self.step)
             return self.step
-        if self.manager.checkpoints:
-            raise hooks.TrainingError(
-                f"{self.manager.directory}: no checkpoint could be read; delete it to start over"
+        if error:
+            raise ModelError(
+                f"{self.manager.directory}: no checkpoint could be restored (newest: {error}); "
+                "use another --model_dir, or move this one away to start over"
             )
         return 0
 
@@ -145,4 +164,9 @@ def load_model(model_dir: str, model_file: str = MODEL_FILE) -> keras.Model:
     path = os.path.join(model_dir, model_file)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trained model; run --mode=train first")
-    return keras.saving.load_model(path, compile=False, safe_mode=True)
+    if not zipfile.is_zipfile(path):
+        raise ModelError(f"{path}: not a complete .keras file (truncated?); train it again")
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
+        raise ModelError(f"{path}: cannot load the model ({e})") from None
