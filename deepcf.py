@@ -43,22 +43,35 @@ def config_from_flags() -> config_lib.Config:
     return config_lib.make_config(given)
 
 
+def _error(e: Exception) -> int:
+    """Reports bad input (flag, data file, saved model, disk) in one line; exit status 2."""
+    logging.error("%s", e)
+    print(f"deepcf: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    import tasks  # after flag parsing: importing TensorFlow is slow
+    try:
+        config = config_from_flags()  # before the slow TensorFlow import: bad flags fail at once
+    except config_lib.ConfigError as e:
+        return _error(e)
+    import tasks
 
     try:
-        config = config_from_flags()
         task = tasks.TASKS[config.task]
         if _MODE.value == "train":
             task.train(config)
         else:
             task.evaluate(config)
-    except (config_lib.ConfigError, tasks.yes_reader.DataError, FileNotFoundError) as e:
-        logging.error("%s", e)
-        print(f"deepcf: error: {e}", file=sys.stderr)
-        return 2
+    except (
+        config_lib.ConfigError,
+        tasks.yes_reader.DataError,
+        tasks.modeltrainer.ModelError,
+        OSError,  # e.g. disk full or permission denied; the message names the path
+    ) as e:
+        return _error(e)
     except tasks.hooks.TrainingError as e:
         print(f"deepcf: training stopped: {e}", file=sys.stderr)
         return 3
