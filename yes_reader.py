@@ -375,7 +375,12 @@ def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     catalog = read_catalog(os.path.join(data_dir, "song_hash.txt"))
-    train = read_playlists(playlist_path(data_dir, "train"), catalog.size)
+    train_path = playlist_path(data_dir, "train")
+    train = read_playlists(train_path, catalog.size)
+    if not count_events(train):
+        raise DataError(
+            f"{train_path}: no playlist has 2 or more songs: nothing to learn ({MIN_EVENTS_NOTE})"
+        )
     test = read_playlists(playlist_path(data_dir, "test"), catalog.size)
     train, valid = split_validation(train, valid_fraction, seed)
     for name, split in (("train", train), ("validation", valid), ("test", test)):
