@@ -470,14 +470,12 @@ def dynamic_train(
     for k, split in enumerate(splits):
         parts = [window_index(split.train, seq_len, pred_steps)]
         if k:
-            rng = np.random.default_rng([seed, k])
-            prev = splits[k - 1]
-            parts.append(
-                _sample(window_index(prev.test, seq_len, pred_steps), prev_test_fraction, rng)
-            )
-            parts.append(
-                _sample(window_index(prev.train, seq_len, pred_steps), prev_train_fraction, rng)
-            )
+            rng, prev = np.random.default_rng([seed, k]), splits[k - 1]
+            for segment, fraction in (
+                (prev.test, prev_test_fraction),
+                (prev.train, prev_train_fraction),
+            ):
+                parts.append(_sample(window_index(segment, seq_len, pred_steps), fraction, rng))
         rows = np.concatenate(parts)
         out.append(rows[np.argsort(rows[:, 0], kind="stable")])
     return out
@@ -494,7 +492,7 @@ def to_arrays(z: np.ndarray, index: np.ndarray, seq_len: int) -> tuple[np.ndarra
     Returns:
       (x float32 [N, seq_len, F], y float32 [N, pred_steps, F]).
     """
-    windows = z[index] if len(index) else np.zeros((0, index.shape[1], z.shape[1]), z.dtype)
+    windows = z[index]
     return windows[:, :seq_len], windows[:, seq_len:]
 
 

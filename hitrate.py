@@ -101,9 +101,10 @@ def random_hit_chance(num_candidates: int, num_good: int, k: int) -> float:
 
 
 class _Tally:
-    """Samples and hits per (protocol, method, month)."""
+    """Samples and hits per (protocol, method, month); scores one sample for every method."""
 
-    def __init__(self) -> None:
+    def __init__(self, k: int, random_draws: int, seed: int) -> None:
+        self.k, self.draws, self.rng = k, random_draws, np.random.default_rng(seed)
         self.counts: dict[tuple[str, str], dict[str, list[float]]] = {}
 
     def add(self, protocol: str, method: str, month: str, hit: float) -> None:
@@ -111,67 +112,52 @@ class _Tally:
         cell[0] += 1
         cell[1] += float(hit)
 
+    def random(self, distinct: np.ndarray, truth: np.ndarray) -> float:
+        """`random`: exact expectation (no draws) or the mean of the seeded draws."""
+        if not self.draws:
+            return random_hit_chance(len(distinct), int(np.isin(distinct, truth).sum()), self.k)
+        size = min(self.k, len(distinct))
+        picks = [self.rng.choice(distinct, size, replace=False) for _ in range(self.draws)]
+        return float(np.mean([is_hit(p, truth) for p in picks]))
+
+    def score(
+        self,
+        key: tuple[str, str],
+        sample: tuple,
+        cands: np.ndarray,
+        feats: np.ndarray,
+        recent: np.ndarray,
+        frequent: np.ndarray,
+    ) -> None:
+        """Adds one sample's outcome for every method.
+
+        Args:
+          key: (protocol, month).
+          sample: (truth int [pred_steps], pred float [pred_steps, F] or None).
+          cands, feats: candidate songs int [C] and their features float [C, F], oldest first.
+          recent, frequent: the two baselines' lists.
+        """
+        (truth, pred), (protocol, month) = sample, key
+        if pred is not None:
+            hit = is_hit(nearest_songs(pred, feats, cands), truth)
+            self.add(protocol, "model", month, hit)
+            hit = is_hit(cosine_songs(pred[0], feats, cands, self.k), truth)
+            self.add(protocol, "model_single", month, hit)
+        distinct = np.unique(cands)
+        self.add(protocol, "recent", month, is_hit(recent, truth))
+        self.add(protocol, "frequent", month, is_hit(frequent, truth))
+        self.add(protocol, "random", month, self.random(distinct, truth))
+        self.add(protocol, "ceiling", month, is_hit(distinct, truth))
+
     def report(self) -> dict:
         out: dict = {}
         for (protocol, method), months in self.counts.items():
             rows = {m: {"samples": n, "hits": h, "hit_rate": h / n} for m, (n, h) in months.items()}
             n = sum(r["samples"] for r in rows.values())
             h = sum(r["hits"] for r in rows.values())
-            out.setdefault(protocol, {})[method] = {
-                "months": rows,
-                "samples": n,
-                "hits": h,
-                "hit_rate": h / n if n else 0.0,
-            }
+            summary = {"samples": n, "hits": h, "hit_rate": h / n if n else 0.0}
+            out.setdefault(protocol, {})[method] = {**summary, "months": rows}
         return out
-
-
-def _random_chance(k: int, draws: int, seed: int) -> Callable[[np.ndarray, np.ndarray], float]:
-    """`random`: exact expectation (draws = 0) or mean of `draws` seeded draws of k songs."""
-    rng = np.random.default_rng(seed)
-
-    def chance(distinct: np.ndarray, truth: np.ndarray) -> float:
-        if not draws:
-            return random_hit_chance(len(distinct), int(np.isin(distinct, truth).sum()), k)
-        size = min(k, len(distinct))
-        return float(
-            np.mean(
-                [is_hit(rng.choice(distinct, size, replace=False), truth) for _ in range(draws)]
-            )
-        )
-
-    return chance
-
-
-def _score(
-    tally: _Tally,
-    key: tuple[str, str],
-    sample: tuple,
-    cands: np.ndarray,
-    feats: np.ndarray,
-    recent: np.ndarray,
-    frequent: np.ndarray,
-    k: int,
-    chance: Callable,
-) -> None:
-    """Adds one sample's outcome for every method.
-
-    Args:
-      key: (protocol, month).
-      sample: (truth int [pred_steps], pred float [pred_steps, F] or None).
-      cands, feats: candidate songs int [C] and their features float [C, F], oldest first.
-      recent, frequent: the two baselines' lists.
-    """
-    truth, pred = sample
-    add = lambda method, hit: tally.add(key[0], method, key[1], hit)  # noqa: E731
-    if pred is not None:
-        add("model", is_hit(nearest_songs(pred, feats, cands), truth))
-        add("model_single", is_hit(cosine_songs(pred[0], feats, cands, k), truth))
-    distinct = np.unique(cands)
-    add("recent", is_hit(recent, truth))
-    add("frequent", is_hit(frequent, truth))
-    add("random", chance(distinct, truth))
-    add("ceiling", is_hit(distinct, truth))
 
 
 class _History:
@@ -225,45 +211,28 @@ def evaluate(
       {"samples", "hits", "hit_rate", "months": {label: {"samples", "hits", "hit_rate"}}}
       (`random` hits are expected values).
     """
-    tally, history, chance = _Tally(), _History(songs), _random_chance(k, random_draws, seed)
+    tally, history = _Tally(k, random_draws, seed), _History(songs)
     song_z = np.zeros((len(history.counts), z.shape[1]), z.dtype)
     song_z[songs] = z
     for month, test in segments:
+        test = np.asarray(test)
         n = len(test) - seq_len - pred_steps + 1
         if n <= 0:
             continue
-        rows = np.asarray(test)[np.arange(n)[:, None] + np.arange(seq_len + pred_steps)]
+        rows = test[np.arange(n)[:, None] + np.arange(seq_len + pred_steps)]
         preds = [None] * n
         if predict_fn is not None:
             out = np.asarray(predict_fn(z[rows[:, :seq_len]].astype(np.float32)))
             preds = out.reshape(n, pred_steps, z.shape[1])
         for i, row in enumerate(rows):
             sample = (songs[row[seq_len:]], preds[i])
-            window = np.asarray(test)[max(0, i + seq_len - bar) : i + seq_len]
+            window = test[max(0, i + seq_len - bar) : i + seq_len]
             cands = songs[window]
-            _score(
-                tally,
-                ("window", month),
-                sample,
-                cands,
-                z[window],
-                recent_songs(cands, k),
-                frequent_songs(cands, k),
-                k,
-                chance,
-            )
-            order = history.advance(row[seq_len])
-            _score(
-                tally,
-                ("open_catalog", month),
-                sample,
-                order,
-                song_z[order],
-                order[::-1][:k],
-                history.frequent(order, k),
-                k,
-                chance,
-            )
+            recent, frequent = recent_songs(cands, k), frequent_songs(cands, k)
+            tally.score(("window", month), sample, cands, z[window], recent, frequent)
+            seen = history.advance(row[seq_len])
+            recent, frequent = seen[::-1][:k], history.frequent(seen, k)
+            tally.score(("open_catalog", month), sample, seen, song_z[seen], recent, frequent)
     return tally.report()
 
 
