@@ -183,13 +183,17 @@ def make_config(given: dict[str, Any]) -> Config:
 
 def write_json_atomic(path: str, payload: Any) -> None:
     """Writes JSON to a temporary file in the same directory, then renames it over `path`."""
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Writes `text` to a temporary file in the same directory, then renames it over `path`."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
