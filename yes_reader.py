@@ -43,7 +43,7 @@ class Catalog:
 def _read_lines(path: str) -> list[str]:
     """Returns the lines of a text file; LF, CRLF and CR-only endings all work.
 
-    Bytes that are not UTF-8 are replaced by U+FFFD (and counted in a warning) rather than
+    Bytes that are not UTF-8 are replaced by U+FFFD (a warning names the first such line), not
     rejected: titles are only shown to people, ids must still parse.
     """
     try:
@@ -54,12 +54,17 @@ def _read_lines(path: str) -> list[str]:
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     text = raw.decode("utf-8", errors="replace")
-    if "\ufffd" in text:
-        bad = sum("\ufffd" in line for line in text.splitlines())
-        logging.warning("%s: %d line(s) have bytes that are not UTF-8; shown as U+FFFD", path, bad)
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
+    if "\ufffd" in text:
+        bad = [lineno for lineno, line in enumerate(lines, start=1) if "\ufffd" in line]
+        logging.warning(
+            "%s:%d: bytes that are not UTF-8 are shown as U+FFFD (%d line(s) like this)",
+            path,
+            bad[0],
+            len(bad),
+        )
     return lines
 
 
