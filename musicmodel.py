@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 import metrics
+import yes_reader
 
 
 def recurrent_stack(cell: str, num_layers: int, hidden_size: int, dropout: float) -> list:
@@ -156,6 +157,58 @@ class MusicModel(keras.Model):
         ranks = metrics.pessimistic_ranks(logits, targets)
         self.ranking.update_state(ranks, log_probs, sample_weight=weights)
         return self.ranking.result()
+
+
+def serving_function(
+    model: MusicModel, top_k: int, exclude_history: bool
+) -> tf.types.experimental.GenericFunction:
+    """The next `top_k` songs after each history, as a `tf.function` with a fixed signature.
+
+    The whole history runs through `model.forward` from a zero state (no carried variables are
+    read or written) and the logits after its last song are ranked.
+
+    Args of the returned function:
+      history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
+        entries at positions >= length are padding and ignored.
+      length: int32 [batch], songs in each history, 1 <= length <= time.
+
+    Returns of the returned function:
+      {"song_ids": int32 [batch, top_k] best first, "scores": float32 [batch, top_k] the model's
+      probability that the song comes next}; with `exclude_history`, songs of the history are
+      never returned (unless fewer than `top_k` other songs exist; their score is then -1).
+    """
+    num_songs = model.num_songs
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="history"),
+            tf.TensorSpec([None], tf.int32, name="length"),
+        ]
+    )
+    def recommend(history, length):
+        valid = tf.sequence_mask(length, tf.shape(history)[1])
+        songs = tf.boolean_mask(history, valid)
+        checks = [
+            tf.debugging.assert_positive(length, message="every length must be >= 1"),
+            tf.debugging.assert_less_equal(
+                length, tf.shape(history)[1], message="a length exceeds the history width"
+            ),
+            tf.debugging.assert_non_negative(songs, message="song ids must be >= 0"),
+            tf.debugging.assert_less(songs, num_songs, message="a song id is not in the catalog"),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = tf.where(valid, history + 1, yes_reader.PAD_ID)
+        logits, _ = model.forward(tokens, model.zero_state(tf.shape(tokens)[0]))
+        probs = tf.nn.softmax(tf.gather(logits, length - 1, batch_dims=1))  # [batch, songs]
+        ranked = probs
+        if exclude_history:
+            rows = tf.cast(tf.where(valid)[:, 0], tf.int32)
+            seen = tf.scatter_nd(tf.stack([rows, songs], 1), tf.ones_like(songs), tf.shape(probs))
+            ranked = tf.where(seen > 0, -1.0, probs)
+        scores, song_ids = tf.math.top_k(ranked, top_k)
+        return {"song_ids": song_ids, "scores": scores}
+
+    return recommend
 
 
 def build_model(
