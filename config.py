@@ -15,6 +15,7 @@ from typing import Any
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
+LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last")  # see baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
 
@@ -46,6 +47,9 @@ class Config:
     embedding_size: int = _field(100, "model", "Song embedding size (UCL report: 100).")
     hidden_size: int = _field(100, "model", "Recurrent state size (UCL report: 100).")
     dropout: float = _field(0.0, "model", "Dropout on embeddings and between layers.")
+    tie_embeddings: bool = _field(
+        False, "model", "Score songs with their input embeddings (weight tying, Press & Wolf 2017)."
+    )
     batch_size: int = _field(100, "training", "Playlists per batch (UCL report: 100).")
     num_steps: int = _field(
         20, "training", "Unrolled steps per window; state is carried across windows (UCL: 20)."
@@ -53,6 +57,22 @@ class Config:
     learning_rate: float = _field(1e-3, "training", "Adam learning rate.")
     max_grad_norm: float = _field(5.0, "training", "Clip gradients to this global norm (UCL: 5).")
     num_epochs: int = _field(10, "training", "Passes over the training playlists.")
+    loss_weighting: str = _field(
+        "window",
+        "training",
+        "window: mean loss of each window's real events; event: every event of an epoch weighs "
+        "the same (sum / (batch_size x num_steps)).",
+        choices=LOSS_WEIGHTINGS,
+    )
+    early_stopping_patience: int = _field(
+        0,
+        "training",
+        "Stop after N epochs without a better validation MRR@20 and keep the best weights "
+        "(0: off).",
+    )
+    reduce_lr_patience: int = _field(
+        0, "training", "Halve the learning rate after N epochs without a better validation MRR@20."
+    )
     checkpoint_every_steps: int = _field(
         0, "training", "Also checkpoint every N steps (0: only at epoch ends)."
     )
@@ -105,9 +125,13 @@ class Config:
             raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ConfigError(f"--valid_fraction={self.valid_fraction}: must be in [0, 1)")
-        if self.checkpoint_every_steps < 0:
+        for name in ("checkpoint_every_steps", "early_stopping_patience", "reduce_lr_patience"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+        if (self.early_stopping_patience or self.reduce_lr_patience) and not self.valid_fraction:
             raise ConfigError(
-                f"--checkpoint_every_steps={self.checkpoint_every_steps}: must be >= 0"
+                "--early_stopping_patience/--reduce_lr_patience need a validation split: "
+                "set --valid_fraction > 0"
             )
         if self.top_k <= 0:
             raise ConfigError(f"--top_k={self.top_k}: must be > 0")

@@ -61,6 +61,11 @@ class MusicModel(keras.Model):
 
     Call inputs: `(tokens, reset)` with tokens int32 [batch, time] (0 = padding) and reset bool
     [batch]; output: logits float32 [batch, time, num_songs] (column s is song id s).
+
+    `tie_embeddings` scores song s with its own input embedding (projected state . E[s + 1] + b_s).
+    `loss_weighting="window"` trains on the mean cross-entropy of each window's real events;
+    `"event"` on their sum / (batch x time), so every event of an epoch weighs the same (a window
+    of few real events, e.g. the tail of a batch, no longer counts as much as a full one).
     """
 
     def __init__(
@@ -73,16 +78,23 @@ class MusicModel(keras.Model):
         hidden_size: int = 100,
         dropout: float = 0.0,
         batch_size: int = 100,
+        tie_embeddings: bool = False,
+        loss_weighting: str = "window",
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.num_songs, self.cell, self.num_layers = num_songs, cell, num_layers
         self.embedding_size, self.hidden_size = embedding_size, hidden_size
         self.dropout_rate, self.batch_size = dropout, batch_size
+        self.tie_embeddings, self.loss_weighting = tie_embeddings, loss_weighting
         self.embedding = layers.Embedding(num_songs + 1, embedding_size, name="song_embedding")
         self.drop = layers.Dropout(dropout)
         self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
-        self.head = layers.Dense(num_songs, name="next_song_logits")
+        if tie_embeddings:  # logits = h W (W: hidden -> embedding) E[1:]^T + b
+            self.head = layers.Dense(embedding_size, use_bias=False, name="to_embedding")
+            self.output_bias = self.add_weight(shape=(num_songs,), initializer="zeros", name="bias")
+        else:
+            self.head = layers.Dense(num_songs, name="next_song_logits")
         per_layer = 2 if cell == "lstm" else 1
         self.carried = [
             [
@@ -109,6 +121,8 @@ class MusicModel(keras.Model):
             "hidden_size": self.hidden_size,
             "dropout": self.dropout_rate,
             "batch_size": self.batch_size,
+            "tie_embeddings": self.tie_embeddings,
+            "loss_weighting": self.loss_weighting,
         }
 
     def build(self, input_shape=None) -> None:
@@ -124,7 +138,11 @@ class MusicModel(keras.Model):
         """Pure forward pass: (logits [batch, time, songs], final states)."""
         x = self.drop(self.embedding(tokens), training=training)
         x, finals = run_stack(self.rnns, x, states, training=training)
-        return self.head(self.drop(x, training=training)), finals
+        x = self.head(self.drop(x, training=training))
+        if self.tie_embeddings:
+            songs = self.embedding.embeddings[1:]  # row s + 1 embeds song s; row 0 is padding
+            x = ops.matmul(x, ops.transpose(songs)) + self.output_bias
+        return x, finals
 
     def call(self, inputs, training: bool = False):
         tokens, reset = inputs
@@ -145,6 +163,8 @@ class MusicModel(keras.Model):
         with tf.GradientTape() as tape:
             logits = self((tokens, reset), training=True)
             per_event, loss = masked_cross_entropy(targets, logits, weights)
+            if self.loss_weighting == "event":  # same weight for every event of the epoch
+                loss = ops.sum(per_event * weights) / ops.cast(ops.size(weights), "float32")
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)
@@ -222,6 +242,8 @@ def build_model(
     batch_size: int,
     learning_rate: float,
     max_grad_norm: float,
+    tie_embeddings: bool = False,
+    loss_weighting: str = "window",
 ) -> MusicModel:
     """A built and compiled `MusicModel` (Adam, clipping by global norm)."""
     model = MusicModel(
@@ -232,6 +254,8 @@ def build_model(
         hidden_size=hidden_size,
         dropout=dropout,
         batch_size=batch_size,
+        tie_embeddings=tie_embeddings,
+        loss_weighting=loss_weighting,
     )
     model.build()
     compile_model(model, learning_rate, max_grad_norm)

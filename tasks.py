@@ -83,6 +83,22 @@ def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 
         print("  ".join([name.ljust(width)] + [c.rjust(7) for c in cells]))
 
 
+def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callback]:
+    """Keras' ReduceLROnPlateau and EarlyStopping (best weights kept) on validation MRR@20."""
+    watch = dict(monitor="val_mrr@20", mode="max", verbose=1)
+    out: list[keras.callbacks.Callback] = []
+    if config.reduce_lr_patience:
+        patience = config.reduce_lr_patience
+        out.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=patience, **watch))
+    if config.early_stopping_patience:
+        out.append(
+            keras.callbacks.EarlyStopping(
+                patience=config.early_stopping_patience, restore_best_weights=True, **watch
+            )
+        )
+    return out
+
+
 class NextSongTask:
     """Next-song classification over a Yes.com catalog."""
 
@@ -110,11 +126,14 @@ class NextSongTask:
             batch_size=config.batch_size,
             learning_rate=config.learning_rate,
             max_grad_norm=config.max_grad_norm,
+            tie_embeddings=config.tie_embeddings,
+            loss_weighting=config.loss_weighting,
         )
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)
             callbacks.append(hooks.ValidationHook(lambda: evaluate_windows(model, valid)))
+        callbacks += validation_schedule(config)
         order = yes_reader.schedule(windows, config.num_epochs, config.seed)
         trainer = modeltrainer.Trainer(
             model,
