@@ -1,4 +1,5 @@
-"""Keras callbacks that report on training: loss, validation metrics, checkpoints.
+"""Keras callbacks that report on training: loss, validation metrics, checkpoints, progress and
+the song embeddings for TensorBoard's projector.
 
 List them before `keras.callbacks.TensorBoard` so TensorBoard sees the keys they add to `logs`.
 """
@@ -6,13 +7,20 @@ List them before `keras.callbacks.TensorBoard` so TensorBoard sees the keys they
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Sequence
 
 import keras
 import tensorflow as tf
 from absl import logging
+from google.protobuf import text_format
+from tensorboard.plugins import projector
+
+import config as config_lib
 
 VALIDATION_KEYS = ("loss", "perplexity", "recall@20", "mrr@20")
+PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays short
 
 
 class TrainingError(RuntimeError):
@@ -93,3 +101,100 @@ class CheckpointHook(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._save()
+
+
+class ProgressHook(keras.callbacks.Callback):
+    """Logs `train|evaluate: step i/n (rate, ETA)` at most every PROGRESS_SECONDS.
+
+    Works where Keras' live progress bar does not (logs that are not a terminal) and for
+    `model.evaluate(verbose=0)`; the first step of a run is always logged.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._start = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.monotonic()
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self._start = time.monotonic()
+
+    def _log(self, what: str, done: int) -> None:
+        total = self.params.get("steps")
+        rate = done / max(time.monotonic() - self._start, 1e-9)
+        eta = f"{(total - done) / rate:.0f} s" if total else "unknown"
+        logging.log_every_n_seconds(
+            logging.INFO,
+            "%s: step %d/%s (%.1f steps/s, ETA %s)",
+            PROGRESS_SECONDS,
+            what,
+            done,
+            total or "?",
+            rate,
+            eta,
+        )
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._log("train", batch + 1)
+
+    def on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._log("evaluate", batch + 1)
+
+
+class EmbeddingProjectorHook(keras.callbacks.Callback):
+    """Writes an embedding matrix with row labels for TensorBoard's Projector tab.
+
+    Keras 3's `TensorBoard(embeddings_freq=...)` is broken (keras-team/keras#20210), so this
+    writes what the projector plugin reads into `log_dir`, which must be a run directory with
+    event files (e.g. `tensorboard/train`): `metadata.tsv` (a header of `columns`, then one row
+    of labels per embedding row) and `projector_config.pbtxt` when training starts, and a
+    checkpoint `embeddings-<epoch>` of the matrix after every epoch.
+
+    Args:
+      log_dir: the run directory.
+      layer: a built `keras.layers.Embedding`; its `embeddings` are float32 [rows, size].
+      columns: the metadata header, e.g. ("title", "artist", "tag").
+      rows: one tuple of len(columns) labels per embedding row (tabs/newlines become spaces).
+    """
+
+    def __init__(
+        self,
+        log_dir: str,
+        layer: keras.layers.Embedding,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[str]],
+    ):
+        super().__init__()
+        num_rows = layer.embeddings.shape[0]
+        if len(rows) != num_rows or any(len(r) != len(columns) for r in rows):
+            raise ValueError(
+                f"{len(rows)} label rows of {len(columns)} columns for a {num_rows}-row embedding"
+            )
+        self._log_dir, self._columns, self._rows = log_dir, tuple(columns), rows
+        self._manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(embedding=layer.embeddings),
+            log_dir,
+            max_to_keep=1,
+            checkpoint_name="embeddings",
+        )
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        def clean(label: str) -> str:
+            return " ".join(str(label).split())
+
+        lines = [self._columns, *self._rows]
+        tsv = "".join("\t".join(map(clean, line)) + "\n" for line in lines)
+        config_lib.write_text_atomic(os.path.join(self._log_dir, "metadata.tsv"), tsv)
+        config = projector.ProjectorConfig()
+        embedding = config.embeddings.add()
+        embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
+        embedding.metadata_path = "metadata.tsv"
+        config_lib.write_text_atomic(
+            os.path.join(self._log_dir, "projector_config.pbtxt"),
+            text_format.MessageToString(config),
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        path = self._manager.save(checkpoint_number=epoch + 1)
+        logging.info("projector embeddings %s", path)
