@@ -1,40 +1,87 @@
-"""deepcf command line: `python deepcf.py --mode=train|eval [--task=...] [flags]`.
+"""deepcf: sequential music recommendation with recurrent networks.
+
+Usage: deepcf --mode=train|eval|recommend|export [flags]   (or: python deepcf.py ...)
 
 Every `config.Config` field is a flag of the same name; only the flags given on the command line
-(or in a `--flagfile`) override the defaults. Run `python deepcf.py --helpfull` for all flags.
+(or in a `--flagfile`) override the defaults. `--help` lists them by group; `--helpfull` adds
+absl's own flags.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 from absl import app, flags, logging
 
 import config as config_lib
 
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to do.")
+_MODES = {  # --mode -> the task method it runs
+    "train": "train",
+    "eval": "evaluate",
+    "recommend": "recommend",
+    "export": "export",
+}
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    list(_MODES),
+    "train: fit and save model_dir/model.keras; eval: test-set metrics to metrics.json; "
+    "recommend: the --top_k next songs after --history or --history_file; export: a SavedModel "
+    "for TensorFlow Serving in model_dir/export/<version>/.",
+    module_name="deepcf",
+)
+flags.FLAGS.register_key_flag_for_module("deepcf", flags.FLAGS["verbosity"])
 
 
 def _define(field: dataclasses.Field) -> flags.FlagHolder:
-    """Defines the flag for one Config field, help text prefixed with its group."""
-    help_text = f"[{field.metadata['group']}] {field.metadata['help']}"
+    """Defines the flag for one Config field, listed in --help under `deepcf.<group>`."""
+    module = f"deepcf.{field.metadata['group']}"
+    help_text = field.metadata["help"]
     if "choices" in field.metadata:
-        return flags.DEFINE_enum(
-            field.name, field.default, list(field.metadata["choices"]), help_text
-        )
+        choices = list(field.metadata["choices"])
+        return flags.DEFINE_enum(field.name, field.default, choices, help_text, module_name=module)
     define = {
         bool: flags.DEFINE_boolean,
         int: flags.DEFINE_integer,
         float: flags.DEFINE_float,
         str: flags.DEFINE_string,
     }[type(field.default)]
-    return define(field.name, field.default, help_text)
+    return define(field.name, field.default, help_text, module_name=module)
 
 
 _CONFIG_FLAGS = {
     f.name: _define(f) for fields in config_lib.fields_by_group().values() for f in fields
 }
+
+
+def usage() -> str:
+    """The module docstring, then the flags of each group (data, model, training, ...)."""
+    modules = ["deepcf"] + [f"deepcf.{group}" for group in config_lib.fields_by_group()]
+    return "\n".join([__doc__, *(flags.FLAGS.module_help(m) for m in modules)])
+
+
+class _GroupedHelpFlag(flags.BooleanFlag):
+    """Replaces absl's --help/-? (which lists only the main module's flags) with `usage()`."""
+
+    def __init__(self):
+        super().__init__(
+            "help", False, "Show the flags by group and exit.", short_name="?", allow_override=True
+        )
+
+    def parse(self, argument) -> None:
+        super().parse(argument)
+        if self.value:
+            try:
+                print(usage(), flush=True)
+            except BrokenPipeError:  # `deepcf --help | head`: see the Python docs on SIGPIPE
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+
+
+app.define_help_flags()
+flags.DEFINE_flag(_GroupedHelpFlag(), module_name="deepcf")
 
 
 def config_from_flags() -> config_lib.Config:
@@ -60,11 +107,12 @@ def main(argv: list[str]) -> int:
     import tasks
 
     try:
-        task = tasks.TASKS[config.task]
-        if _MODE.value == "train":
-            task.train(config)
-        else:
-            task.evaluate(config)
+        run_mode = getattr(tasks.TASKS[config.task], _MODES[_MODE.value], None)
+        if run_mode is None:
+            raise config_lib.ConfigError(
+                f"--mode={_MODE.value}: not available for --task={config.task}"
+            )
+        run_mode(config)
     except (
         config_lib.ConfigError,
         tasks.yes_reader.DataError,

@@ -8,6 +8,7 @@ data order, because the data schedule is a function of the step.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -22,6 +23,7 @@ import hooks
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+EXPORT_DIR = "export"
 
 
 class ModelError(ValueError):
@@ -170,3 +172,39 @@ def load_model(model_dir: str, model_file: str = MODEL_FILE) -> keras.Model:
         return keras.saving.load_model(path, compile=False, safe_mode=True)
     except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile) as e:
         raise ModelError(f"{path}: cannot load the model ({e})") from None
+
+
+def export_saved_model(
+    model: keras.Model, endpoints: dict[str, Callable], export_dir: str, version: int = 0
+) -> str:
+    """Writes a SavedModel to `export_dir/<version>/`, the layout TensorFlow Serving watches.
+
+    It is written under a temporary name in `export_dir` (which Serving ignores) and renamed into
+    place, so Serving never loads a half-written version.
+
+    Args:
+      endpoints: signature name -> `tf.function` with an input signature; `serving_default` is
+        the one Serving calls by default.
+      version: a positive number; 0 takes one more than the newest version in `export_dir`.
+
+    Returns:
+      The version directory.
+    """
+    os.makedirs(export_dir, exist_ok=True)
+    existing = [int(name) for name in os.listdir(export_dir) if name.isdigit()]
+    path = os.path.join(export_dir, str(version or max(existing, default=0) + 1))
+    if os.path.exists(path):
+        raise ModelError(f"{path}: already exists; pick a new --export_version (or 0: the next)")
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, fn in endpoints.items():
+        archive.add_endpoint(name, fn)
+    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-")
+    try:
+        archive.write_out(tmp, verbose=False)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logging.info("exported %s", path)
+    return path

@@ -1,7 +1,7 @@
 """The recommenders deepcf can run, each with its own data, model, metrics and report.
 
-They share the trainer, hooks, config and CLI; `TASKS[name].train(config)` and
-`TASKS[name].evaluate(config)` are what `deepcf.py` calls.
+They share the trainer, hooks, config and CLI; `TASKS[name].train(config)`, `.evaluate(config)`,
+`.recommend(config)` and `.export(config)` are what `deepcf.py` calls.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import platform
 
 import keras
+import numpy as np
 from absl import logging
 
 import baselines
@@ -22,7 +23,6 @@ import modeltrainer
 import musicmodel
 import yes_reader
 
-DATA_FILES = ("song_hash.txt", "train.txt", "test.txt")
 LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
 
 
@@ -68,7 +68,8 @@ def make_model_dir(model_dir: str) -> None:
 
 def evaluate_windows(model: keras.Model, windows: yes_reader.Windows) -> dict:
     """Full-catalog metrics of the model over every event of `windows` (see `metrics.py`)."""
-    return model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
+    dataset = yes_reader.to_dataset(windows)
+    return model.evaluate(dataset, verbose=0, return_dict=True, callbacks=[hooks.ProgressHook()])
 
 
 def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 100, 500)) -> None:
@@ -99,6 +100,70 @@ def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callb
     return out
 
 
+def song_labels(data_dir: str, catalog: yes_reader.Catalog) -> tuple[tuple, list[tuple]]:
+    """Projector metadata: (columns, one row per embedding row: padding token 0, then song s).
+
+    Columns are title, artist and, if `data_dir` has tags.txt and tag_hash.txt, the song's most
+    common tag (`yes_reader.read_tags`).
+    """
+    tags_path, hash_path = (os.path.join(data_dir, f) for f in ("tags.txt", "tag_hash.txt"))
+    columns, songs = ("title", "artist"), [catalog.titles, catalog.artists]
+    if os.path.exists(tags_path) and os.path.exists(hash_path):
+        columns += ("tag",)
+        songs.append(yes_reader.read_tags(tags_path, hash_path, catalog.size))
+    return columns, [("<padding>",) + ("",) * (len(columns) - 1), *zip(*songs, strict=True)]
+
+
+def load_trained(config: config_lib.Config, num_songs: int) -> musicmodel.MusicModel:
+    """The model saved in --model_dir, checked to score the `num_songs` songs of --data_dir."""
+    model = modeltrainer.load_model(config.model_dir)
+    if model.num_songs != num_songs:
+        raise config_lib.ConfigError(
+            f"--model_dir={config.model_dir}: the model was trained on {model.num_songs} songs "
+            f"but --data_dir={config.data_dir} has {num_songs}; use the same catalog"
+        )
+    return model
+
+
+def serving_function(config: config_lib.Config, model: musicmodel.MusicModel):
+    """The serving `tf.function` with --top_k (at most the catalog size) and --exclude_history."""
+    if config.top_k > model.num_songs:
+        raise config_lib.ConfigError(
+            f"--top_k={config.top_k}: the model scores only {model.num_songs} songs"
+        )
+    return musicmodel.serving_function(model, config.top_k, config.exclude_history)
+
+
+def read_histories(config: config_lib.Config, num_songs: int) -> list[tuple[str, list[int]]]:
+    """(label, song ids) of --history or of each line of --history_file."""
+    if config.history_file:
+        lines = yes_reader.read_histories(config.history_file, num_songs)
+        return [(f"{config.history_file}:{n}", ids) for n, ids in lines]
+    if not config.history:
+        raise config_lib.ConfigError("--mode=recommend needs --history or --history_file")
+    where = f"--history={config.history}"
+    return [("--history", yes_reader.parse_history(config.history, num_songs, where))]
+
+
+def print_recommendations(
+    label: str,
+    history: list[int],
+    ids: np.ndarray,
+    scores: np.ndarray,
+    catalog: yes_reader.Catalog,
+) -> None:
+    """Prints the history's last song, then rank, song id, probability, title, artist per row."""
+    last, titles = history[-1], catalog.titles
+    print(
+        f"{label}: {len(history)} songs, the last {last}: {titles[last]} ({catalog.artists[last]})"
+    )
+    width = max(len(catalog.titles[i]) for i in ids)
+    print(f"{'rank':>4}  {'song_id':>7}  {'probability':>11}  {'title':<{width}}  artist")
+    for rank, (song, score) in enumerate(zip(ids, scores, strict=True), start=1):
+        title, artist = catalog.titles[song], catalog.artists[song]
+        print(f"{rank:>4}  {song:>7}  {score:>11.5f}  {title:<{width}}  {artist}")
+
+
 class NextSongTask:
     """Next-song classification over a Yes.com catalog."""
 
@@ -111,9 +176,11 @@ class NextSongTask:
             data.train, config.batch_size, config.num_steps, config.seed
         )
         make_model_dir(config.model_dir)
+        data_files = [os.path.join(config.data_dir, "song_hash.txt")]
+        data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
         write_run_config(
             config,
-            [os.path.join(config.data_dir, f) for f in DATA_FILES],
+            data_files,
             {"num_songs": data.catalog.size, "train_events": windows.events},
         )
         model = musicmodel.build_model(
@@ -134,6 +201,14 @@ class NextSongTask:
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)
             callbacks.append(hooks.ValidationHook(lambda: evaluate_windows(model, valid)))
         callbacks += validation_schedule(config)
+        callbacks.append(hooks.ProgressHook())
+        callbacks.append(
+            hooks.EmbeddingProjectorHook(
+                os.path.join(config.model_dir, modeltrainer.TENSORBOARD_DIR, "train"),
+                model.embedding,
+                *song_labels(config.data_dir, data.catalog),
+            )
+        )
         order = yes_reader.schedule(windows, config.num_epochs, config.seed)
         trainer = modeltrainer.Trainer(
             model,
@@ -146,13 +221,9 @@ class NextSongTask:
 
     def evaluate(self, config: config_lib.Config) -> dict:
         catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
-        test = yes_reader.read_playlists(os.path.join(config.data_dir, "test.txt"), catalog.size)
-        model = modeltrainer.load_model(config.model_dir)
-        if model.num_songs != catalog.size:
-            raise config_lib.ConfigError(
-                f"--model_dir={config.model_dir}: the model was trained on {model.num_songs} songs "
-                f"but --data_dir={config.data_dir} has {catalog.size}; use the same catalog"
-            )
+        test_path = yes_reader.playlist_path(config.data_dir, "test")
+        test = yes_reader.read_playlists(test_path, catalog.size)
+        model = load_trained(config, catalog.size)
         musicmodel.compile_model(model, config.learning_rate, config.max_grad_norm)
         windows = yes_reader.make_windows(test, model.batch_size, config.num_steps)
         results = {
@@ -170,6 +241,37 @@ class NextSongTask:
         config_lib.write_json_atomic(os.path.join(config.model_dir, "metrics.json"), results)
         logging.info("wrote %s", os.path.join(config.model_dir, "metrics.json"))
         return results
+
+    def recommend(self, config: config_lib.Config) -> list[dict]:
+        """Prints the --top_k next songs for --history or each line of --history_file.
+
+        Returns:
+          Per history: {"song_ids": int32 [top_k], "scores": float32 [top_k]} (best first).
+        """
+        catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
+        histories = read_histories(config, catalog.size)
+        model = load_trained(config, catalog.size)
+        recommend = serving_function(config, model)
+        length = np.array([len(ids) for _, ids in histories], np.int32)
+        padded = np.zeros((len(histories), length.max()), np.int32)
+        for row, (_, ids) in enumerate(histories):
+            padded[row, : len(ids)] = ids
+        out = {k: v.numpy() for k, v in recommend(padded, length).items()}
+        for row, (label, ids) in enumerate(histories):
+            print_recommendations(label, ids, out["song_ids"][row], out["scores"][row], catalog)
+        return [{k: v[row] for k, v in out.items()} for row in range(len(histories))]
+
+    def export(self, config: config_lib.Config) -> str:
+        """Writes the serving SavedModel to model_dir/export/<version>/ and prints its path."""
+        model = modeltrainer.load_model(config.model_dir)
+        path = modeltrainer.export_saved_model(
+            model,
+            {"serving_default": serving_function(config, model)},
+            os.path.join(config.model_dir, modeltrainer.EXPORT_DIR),
+            config.export_version,
+        )
+        print(path)
+        return path
 
 
 TASKS = {"next_song": NextSongTask()}

@@ -208,6 +208,36 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
     ]
 
 
+def parse_history(text: str, num_songs: int, where: str) -> list[int]:
+    """Song ids (0-based) separated by commas and/or spaces, oldest first.
+
+    Raises:
+      DataError starting with `where` (e.g. `--history=...` or `path:line`) for an empty history,
+        a token that is not an integer, or an id outside the catalog.
+    """
+    tokens = text.replace(",", " ").split()
+    if not tokens:
+        raise DataError(f"{where}: no song ids")
+    for token in tokens:
+        if not token.lstrip("-").isdigit():
+            raise DataError(f"{where}: song id {token!r} is not an integer")
+        if not 0 <= int(token) < num_songs:
+            raise DataError(f"{where}: song id {token} is not in the catalog (0..{num_songs - 1})")
+    return [int(t) for t in tokens]
+
+
+def read_histories(path: str, num_songs: int) -> list[tuple[int, list[int]]]:
+    """One history per non-blank line of `path` (see `parse_history`), with its line number."""
+    histories = [
+        (lineno, parse_history(line, num_songs, f"{path}:{lineno}"))
+        for lineno, line in enumerate(_read_lines(path), start=1)
+        if line.strip()
+    ]
+    if not histories:
+        raise DataError(f"{path}: no histories (one per line: song ids, oldest first)")
+    return histories
+
+
 def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, ...]:
     """Each song's most common tag: of its tags in `tags.txt`, the one most songs carry.
 
