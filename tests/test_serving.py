@@ -1,0 +1,250 @@
+"""Using a trained model: recommend, export for serving, the TensorBoard projector, --help.
+
+One tiny model is trained once for the module (one epoch on a yes_small slice); the commands run
+for real (`deepcf.py` in a subprocess) and their outputs are checked against an independent
+computation: `MusicModel.forward` on each unpadded history, then a plain numpy sort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import config as config_lib
+import hooks
+import modeltrainer
+import tasks
+import yes_reader
+from conftest import ROOT
+
+SMALL = dict(embedding_size=16, hidden_size=16, batch_size=20, num_steps=5, learning_rate=0.01)
+HISTORIES = [[12, 845, 3001], [7], [100, 200, 12, 100]]  # different lengths: padding matters
+
+
+@pytest.fixture(scope="module")
+def trained(small_slice, tmp_path_factory) -> config_lib.Config:
+    model_dir = str(tmp_path_factory.mktemp("serving_run"))
+    cfg = config_lib.make_config(
+        dict(data_dir=str(small_slice), model_dir=model_dir, num_epochs=1, **SMALL)
+    )
+    tasks.TASKS["next_song"].train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model(trained):
+    return modeltrainer.load_model(trained.model_dir)
+
+
+def reference_top_k(model, history: list[int], k: int, exclude: bool = True):
+    """Top-k (ids, probabilities) from the logits after the last song of the unpadded history."""
+    tokens = np.array([history], np.int32) + 1
+    logits, _ = model.forward(tokens, model.zero_state(1))
+    probs = tf.nn.softmax(logits[0, -1]).numpy()
+    order = [s for s in np.argsort(-probs, kind="stable") if not (exclude and s in history)]
+    return np.array(order[:k]), probs[order[:k]]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "deepcf.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_recommend_cli_prints_k_rows_with_titles(trained, model):
+    result = run_cli(
+        "--mode=recommend",
+        f"--data_dir={trained.data_dir}",
+        f"--model_dir={trained.model_dir}",
+        "--history=12,845,3001",
+        "--top_k=5",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    catalog = yes_reader.read_catalog(os.path.join(trained.data_dir, "song_hash.txt"))
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("--history: 3 songs, the last 3001: " + catalog.titles[3001])
+    assert lines[1].split() == ["rank", "song_id", "probability", "title", "artist"]
+    rows = lines[2:]
+    assert len(rows) == 5
+    ids, probs = reference_top_k(model, [12, 845, 3001], 5)
+    for rank, (row, song, prob) in enumerate(zip(rows, ids, probs, strict=True), start=1):
+        cells = row.split()
+        assert cells[:3] == [str(rank), str(song), f"{prob:.5f}"], row
+        assert catalog.titles[song] in row and row.rstrip().endswith(catalog.artists[song])
+
+
+def test_recommend_history_file_pads_and_excludes_like_one_by_one(trained, model, tmp_path):
+    # The last history ends with the songs the model likes most after song 5, so excluding the
+    # history changes its top 7 (checked below with --noexclude_history).
+    liked = [5, *reference_top_k(model, [5], 3, exclude=False)[0].tolist()]
+    histories = [*HISTORIES, liked]
+    path = tmp_path / "histories.txt"
+    lines = [" , ".join(map(str, h)) for h in histories[:2]] + [""]
+    lines += [" ".join(map(str, h)) for h in histories[2:]]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = dataclasses.replace(trained, history_file=str(path), top_k=7)
+    results = tasks.TASKS["next_song"].recommend(cfg)
+    assert len(results) == len(histories)
+    for history, out in zip(histories, results, strict=True):
+        ids, probs = reference_top_k(model, history, 7)
+        np.testing.assert_array_equal(out["song_ids"], ids)
+        np.testing.assert_allclose(out["scores"], probs, rtol=1e-4)
+        assert not set(history) & set(out["song_ids"].tolist())
+    kept = tasks.TASKS["next_song"].recommend(dataclasses.replace(cfg, exclude_history=False))
+    for history, out in zip(histories, kept, strict=True):
+        ids, _ = reference_top_k(model, history, 7, exclude=False)
+        np.testing.assert_array_equal(out["song_ids"], ids)
+    assert set(liked) & set(kept[-1]["song_ids"].tolist())
+
+
+def test_recommend_unknown_ids_name_the_flag_or_the_line(trained, tmp_path):
+    result = run_cli(
+        "--mode=recommend",
+        f"--data_dir={trained.data_dir}",
+        f"--model_dir={trained.model_dir}",
+        "--history=12,99999",
+    )
+    assert result.returncode == 2
+    assert "--history=12,99999: song id 99999 is not in the catalog (0..3167)" in result.stderr
+    assert result.stdout == ""
+    path = tmp_path / "bad.txt"
+    path.write_text("1 2\n\n3 x\n")
+    cfg = dataclasses.replace(trained, history_file=str(path))
+    with pytest.raises(yes_reader.DataError, match=f"{path}:3: song id 'x' is not an integer"):
+        tasks.TASKS["next_song"].recommend(cfg)
+    with pytest.raises(config_lib.ConfigError, match="--mode=recommend needs --history"):
+        tasks.TASKS["next_song"].recommend(trained)
+    with pytest.raises(config_lib.ConfigError, match="--top_k=4000: the model scores only 3168"):
+        tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history="1", top_k=4000))
+
+
+FRESH_PROCESS = """
+import json, sys
+import tensorflow as tf
+serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+history, length = (tf.constant(json.loads(arg)) for arg in sys.argv[2:])
+out = serve(history=history, length=length)
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+"""
+
+
+def test_export_reloads_in_a_fresh_process_and_matches(trained, model, tmp_path):
+    result = run_cli("--mode=export", f"--model_dir={trained.model_dir}", "--top_k=6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    path = result.stdout.strip()
+    assert os.path.dirname(path) == os.path.join(trained.model_dir, "export")
+    assert os.path.basename(path).isdigit()
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    # Padding past each length is junk on purpose: the signature must ignore it.
+    width = max(map(len, HISTORIES))
+    padded = [h + [99999] * (width - len(h)) for h in HISTORIES]
+    lengths = [len(h) for h in HISTORIES]
+    fresh = subprocess.run(  # -I: no project module is importable, only installed packages
+        [sys.executable, "-I", "-c", FRESH_PROCESS, path, json.dumps(padded), json.dumps(lengths)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    served = json.loads(fresh.stdout.splitlines()[-1])
+    for row, history in enumerate(HISTORIES):
+        ids, probs = reference_top_k(model, history, 6)
+        assert served["song_ids"][row] == ids.tolist()
+        np.testing.assert_allclose(served["scores"][row], probs, rtol=1e-4)
+
+
+def test_export_versions_count_up_and_never_overwrite(trained, model, tmp_path):
+    export_dir = str(tmp_path / "export")
+    fn = tasks.serving_function(trained, model)
+    first = modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir)
+    second = modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir)
+    assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
+    with pytest.raises(modeltrainer.ModelError, match="2: already exists"):
+        modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir, version=2)
+    assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary directory left behind
+
+
+def test_projector_has_one_metadata_row_per_embedding_row(trained, model):
+    run_dir = os.path.join(trained.model_dir, "tensorboard", "train")
+    with open(os.path.join(run_dir, "metadata.tsv"), encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert lines.pop() == ""
+    header, rows = lines[0].split("\t"), [line.split("\t") for line in lines[1:]]
+    assert header == ["title", "artist", "tag"]
+    embeddings = model.embedding.embeddings.numpy()
+    assert len(rows) == embeddings.shape[0] == 3169  # padding row + 3168 songs
+    assert rows[0] == ["<padding>", "", ""]
+    catalog = yes_reader.read_catalog(os.path.join(trained.data_dir, "song_hash.txt"))
+    tags = yes_reader.read_tags(
+        os.path.join(trained.data_dir, "tags.txt"),
+        os.path.join(trained.data_dir, "tag_hash.txt"),
+        catalog.size,
+    )
+    for song in (0, 1, 3001, 3167):  # row song + 1 is song `song`
+        assert rows[song + 1] == [catalog.titles[song], catalog.artists[song], tags[song]]
+    with open(os.path.join(run_dir, "projector_config.pbtxt")) as f:
+        config = f.read()
+    assert 'tensor_name: "embedding/.ATTRIBUTES/VARIABLE_VALUE"' in config
+    assert 'metadata_path: "metadata.tsv"' in config
+    checkpoint = tf.train.load_checkpoint(tf.train.latest_checkpoint(run_dir))
+    np.testing.assert_array_equal(
+        checkpoint.get_tensor("embedding/.ATTRIBUTES/VARIABLE_VALUE"), embeddings
+    )
+
+
+def test_progress_lines_have_rate_and_eta(trained, model, monkeypatch, caplog):
+    monkeypatch.setattr(hooks, "PROGRESS_SECONDS", 0)  # every step; 30 s by default
+    test = yes_reader.read_playlists(os.path.join(trained.data_dir, "test.txt"), model.num_songs)
+    windows = yes_reader.make_windows(test, model.batch_size, trained.num_steps)
+    tasks.musicmodel.compile_model(model, 0.01, 5.0)
+    with caplog.at_level(logging.INFO, logger="absl"):
+        tasks.evaluate_windows(model, windows)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
+    n = windows.num_windows
+    assert [line.split(" (")[0] for line in lines] == [
+        f"evaluate: step {i}/{n}" for i in range(1, n + 1)
+    ]
+    assert all("steps/s, ETA " in line for line in lines)
+
+
+def test_help_lists_every_flag_by_group_from_the_console_script():
+    # The console script's __main__ is a wrapper, not deepcf.py: absl's own --help would list
+    # nothing there. Run it the way the installed `deepcf` command does.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, deepcf; sys.argv[0] = 'deepcf'; deepcf.run()",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    headers = [
+        line for line in out.splitlines() if line.startswith("deepcf") and line.endswith(":")
+    ]
+    groups = list(config_lib.fields_by_group())
+    assert headers == ["deepcf:"] + [f"deepcf.{g}:" for g in groups]
+    assert groups[:4] == ["data", "model", "training", "evaluation"]
+    for group, fields in config_lib.fields_by_group().items():
+        section = out.split(f"\ndeepcf.{group}:\n")[1].split("\n\n")[0]
+        for field in fields:
+            flag = f"--[no]{field.name}:" if isinstance(field.default, bool) else f"--{field.name}:"
+            assert flag in section, (group, field.name)
+            first_words = " ".join(field.metadata["help"].split()[:3])
+            assert first_words in " ".join(section.split()), (group, field.name)
+    assert "--mode: <train|eval|recommend|export>" in out and "--verbosity" in out
