@@ -34,7 +34,10 @@ class Config:
 
     task: str = _field("next_song", "data", "Which recommender to run.", choices=TASK_NAMES)
     data_dir: str = _field(
-        "data/yes_big", "data", "Yes.com directory: song_hash.txt, train.txt, test.txt."
+        "data/yes_big",
+        "data",
+        "Directory with song_hash.txt and train/test playlists as Yes.com .txt or .csv files "
+        "(docs/data_format.md).",
     )
     model_dir: str = _field(
         "runs/next_song", "data", "Where checkpoints, TensorBoard logs and results go."
