@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 from absl import logging
+from keras import ops
 
 import config as config_lib
 import metrics
@@ -118,13 +119,23 @@ def transition_counts(playlists: Sequence[np.ndarray], num_songs: int) -> sp.csr
 class Markov:
     """p(j|a) = λ_a n_aj/n_a + (1-λ_a) p_pop(j), λ_a = n_a/(n_a+β), a = last song of the history.
 
-    β is the `BETAS` value with the best mean log-likelihood on `valid` (train counts only).
+    β is the `BETAS` value with the best mean log-likelihood on `valid` (train counts only),
+    unless `beta` is given.
     """
 
-    def __init__(self, train: Sequence[np.ndarray], valid: Sequence[np.ndarray], num_songs: int):
+    def __init__(
+        self,
+        train: Sequence[np.ndarray],
+        valid: Sequence[np.ndarray],
+        num_songs: int,
+        beta: float | None = None,
+    ):
         self.p_pop = popularity_probabilities(song_counts(train, num_songs))
         self.transitions = transition_counts(train, num_songs)
         self.n_a = np.asarray(self.transitions.sum(axis=1)).ravel()
+        if beta is not None:
+            self.beta = beta
+            return
         pairs = transition_counts(valid, num_songs).tocoo()
         if not pairs.nnz:
             raise yes_reader.DataError("markov: the validation split has no events to tune β on")
@@ -184,16 +195,23 @@ def rank_within_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
 class SessionKNN:
     """V-SKNN (Ludewig & Jannach 2018) over training playlists seen as sets of songs.
 
-    Similarity = cosine(recency-weighted history, binary playlist); candidates = the
-    `SKNN_CANDIDATES` most recent playlists (file order) sharing a song with the history;
-    score(song) = sum of the similarities of the `SKNN_NEIGHBOURS` most similar candidates that
-    contain it; equal scores are ordered by popularity. With `history_last`, songs already in the
-    history are ranked below all others.
+    Similarity = cosine(recency-weighted history, binary playlist); candidates = the `candidates`
+    most recent playlists (later in train.txt = more recent) sharing a song with the history;
+    score(song) = sum of the similarities of the `neighbours` most similar candidates that contain
+    it (equal similarities: the more recent playlist wins); equal scores are ordered by
+    popularity. With `history_last`, songs already in the history are ranked below all others.
     """
 
-    def __init__(self, train: Sequence[np.ndarray], num_songs: int, history_last: bool = False):
-        self.num_songs = num_songs
-        self.history_last = history_last
+    def __init__(
+        self,
+        train: Sequence[np.ndarray],
+        num_songs: int,
+        history_last: bool = False,
+        neighbours: int = SKNN_NEIGHBOURS,
+        candidates: int = SKNN_CANDIDATES,
+    ):
+        self.num_songs, self.history_last = num_songs, history_last
+        self.neighbours, self.candidates = neighbours, candidates
         sets = [np.unique(np.asarray(p, np.int64) - 1) for p in train]
         rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
         cols = np.concatenate(sets + [np.zeros(0, np.int64)])
@@ -205,7 +223,7 @@ class SessionKNN:
         self.p_pop = popularity_probabilities(self.counts)
         # Exact float64 keys: quantised score, then popularity, then (optionally) history last.
         self.pop_base = float(self.counts.max() + 1)
-        self.quantum = float(2**51 // (2 * (SKNN_NEIGHBOURS + 1) * int(self.pop_base)))
+        self.quantum = float(2**51 // (2 * (neighbours + 1) * int(self.pop_base)))
 
     def neighbour_scores(self, histories: list[np.ndarray]) -> np.ndarray:
         """float64 [events, num_songs]: sum of the similarities of the neighbours holding a song."""
@@ -215,9 +233,9 @@ class SessionKNN:
         dots.sort_indices()
         rows = np.repeat(np.arange(dots.shape[0]), np.diff(dots.indptr))
         cols, sims = dots.indices, dots.data / (norms[rows] * self.playlist_norms[dots.indices])
-        recent = rank_within_rows(rows, np.lexsort((-cols, rows))) < SKNN_CANDIDATES
+        recent = rank_within_rows(rows, np.lexsort((-cols, rows))) < self.candidates
         rows, cols, sims = rows[recent], cols[recent], sims[recent]
-        nearest = rank_within_rows(rows, np.lexsort((-cols, -sims, rows))) < SKNN_NEIGHBOURS
+        nearest = rank_within_rows(rows, np.lexsort((-cols, -sims, rows))) < self.neighbours
         neighbours = sp.csr_matrix(
             (sims[nearest], (rows[nearest], cols[nearest])), shape=dots.shape
         )
@@ -228,7 +246,7 @@ class SessionKNN:
         key += self.counts[None, :]
         if self.history_last:
             seen = history_matrix(histories, self.num_songs).toarray() > 0
-            key -= seen * (SKNN_NEIGHBOURS + 1) * self.quantum * self.pop_base
+            key -= seen * (self.neighbours + 1) * self.quantum * self.pop_base
         return key
 
     def probabilities(self, histories: list[np.ndarray]) -> np.ndarray:
@@ -297,6 +315,30 @@ def model_probabilities(model, windows: yes_reader.Windows, w: int) -> np.ndarra
     return probs / probs.sum(axis=1, keepdims=True)
 
 
+def component_chunks(
+    names: Sequence[str], fitted: dict, model, windows: yes_reader.Windows
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (targets int64 [n], probabilities float32 [components, n, songs]) for chunks of
+    about `CHUNK` consecutive events of `windows`; components in the order of `names`."""
+    events = Events.from_windows(windows)
+    per_window = windows.weights.sum(axis=(1, 2)).astype(np.int64)
+    ends = np.cumsum(per_window)
+    start, pending = 0, []
+    for w in range(windows.num_windows):
+        if "rnn" in names:
+            pending.append(model_probabilities(model, windows, w))
+        if ends[w] - start < CHUNK and w + 1 < windows.num_windows:
+            continue
+        index = slice(start, ends[w])
+        histories = events.histories(index)
+        stack = [
+            np.concatenate(pending) if name == "rnn" else fitted[name].probabilities(histories)
+            for name in names
+        ]
+        yield events.targets[index], np.stack(stack).astype(np.float32)
+        start, pending = ends[w], []
+
+
 def evaluate_blends(
     blends: Sequence[dict[str, float]], fitted: dict, model, windows: yes_reader.Windows
 ) -> list[dict]:
@@ -304,34 +346,24 @@ def evaluate_blends(
 
     Components are per-event probability distributions (softmax for "rnn", Markov and popularity
     as they are, session-kNN scores divided by their sum), so a blend is itself a distribution:
-    its log-likelihood is defined, and scales are comparable without per-event min-max.
+    its log-likelihood is defined, and no per-event min-max rescaling is needed. Weights are
+    divided by their sum.
 
     Args:
       blends: weightings {component: weight} of the same components ("rnn" or names of `fitted`).
       fitted: fitted baselines by name; model: the trained model (used only if "rnn" is blended).
     """
-    names = [name for name in blends[0]]
-    events = Events.from_windows(windows)
-    offsets = np.concatenate([[0], np.cumsum(windows.weights.sum(axis=(1, 2)), dtype=np.int64)])
+    names = list(blends[0])
     rankings = [metrics.RankingMetrics() for _ in blends]
-    weights = np.array([[blend[name] for name in names] for blend in blends])
+    weights = np.array([[blend[name] for name in names] for blend in blends], np.float32)
     weights /= weights.sum(axis=1, keepdims=True)
-    for w in range(windows.num_windows):
-        index = slice(offsets[w], offsets[w + 1])
-        histories, targets = events.histories(index), events.targets[index]
-        stack = np.stack(
-            [
-                model_probabilities(model, windows, w)
-                if name == "rnn"
-                else fitted[name].probabilities(histories)
-                for name in names
-            ]
-        )
+    for targets, stack in component_chunks(names, fitted, model, windows):
+        stack = ops.convert_to_tensor(stack)  # blending in the backend is ~5x faster than numpy
         for ranking, row in zip(rankings, weights, strict=True):
-            blended = np.tensordot(row, stack, axes=1)
+            blended = ops.tensordot(row, stack, axes=1)
             ranks = metrics.pessimistic_ranks(blended, targets)
-            with np.errstate(divide="ignore"):
-                ranking.update_state(ranks, np.log(blended[np.arange(len(targets)), targets]))
+            target_p = ops.take_along_axis(blended, ops.expand_dims(targets, -1), axis=-1)
+            ranking.update_state(ranks, ops.log(ops.squeeze(target_p, -1)))
     reports = [metrics.report(ranking.result()) for ranking in rankings]
     full_support = np.array([name in FULL_SUPPORT for name in names])
     for report, row in zip(reports, weights, strict=True):

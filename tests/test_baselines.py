@@ -1,0 +1,243 @@
+"""Baselines and blends on tiny playlists whose scores and ranks are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import baselines
+import config as config_lib
+import metrics
+import tasks
+import yes_reader
+from conftest import ROOT
+
+
+def tokens(playlists: list[list[int]]) -> list[np.ndarray]:
+    """Song ids -> reader tokens (id + 1)."""
+    return [np.array(p, np.int32) + 1 for p in playlists]
+
+
+# Five songs. Occurrences: song 0: 2, song 1: 2, song 2: 3, song 3: 3, song 4: 1 (total 11).
+# Sets: P0 {0,1}, P1 {1,2}, P2 {2,3}, P3 {0,3,4}; transitions 0->1, 1->2, 2->3, 3->2, 0->3,
+# 3->4, 4->3: n_0 = 2, n_1 = 1, n_2 = 1, n_3 = 2, n_4 = 1.
+TRAIN = tokens([[0, 1], [1, 2], [2, 3, 2], [0, 3, 4, 3]])
+NUM_SONGS = 5
+
+
+def ranks(baseline, histories: list[list[int]], targets: list[int]) -> list[int]:
+    scores = baseline.scores([np.array(h) for h in histories])
+    return np.asarray(metrics.pessimistic_ranks(scores, np.array(targets))).tolist()
+
+
+def test_popularity_scores_are_training_counts_with_laplace_probabilities():
+    pop = baselines.Popularity(TRAIN, NUM_SONGS)
+    assert pop.counts.tolist() == [2, 2, 3, 3, 1]
+    # Target 0 (count 2) ties song 1 and is below songs 2, 3: rank 4 (ties count against it).
+    assert ranks(pop, [[4], [1, 2]], [0, 2]) == [4, 2]
+    # p(0) = (2 + 1) / (11 + 5) = 3/16.
+    assert pop.log_likelihood([np.array([4])], np.array([0]))[0] == pytest.approx(math.log(3 / 16))
+
+
+def test_markov_interpolates_transitions_with_popularity():
+    markov = baselines.Markov(TRAIN, [], NUM_SONGS, beta=1.0)
+    # p_pop = [3, 3, 4, 4, 2] / 16. After song 0 (n_0 = 2: 0->1 once, 0->3 once), λ = 2/3:
+    # p(j|0) = 2/3 * n_0j/2 + 1/3 * p_pop(j) = [1/16, 1/3 + 1/16, 1/12, 1/3 + 1/12, 1/24].
+    expected = [1 / 16, 1 / 3 + 1 / 16, 1 / 12, 1 / 3 + 1 / 12, 1 / 24]
+    np.testing.assert_allclose(markov.probabilities([np.array([2, 0])])[0], expected)
+    assert ranks(markov, [[2, 0]], [1]) == [2]  # below song 3 only
+    ll = markov.log_likelihood([np.array([2, 0])], np.array([4]))
+    assert ll[0] == pytest.approx(math.log(1 / 24))
+    # Only the last song counts; a song never followed by anything gives p_pop.
+    np.testing.assert_allclose(
+        baselines.Markov(tokens([[0, 1]]), [], 3, beta=5.0).probabilities([np.array([1])])[0],
+        [2 / 5, 2 / 5, 1 / 5],  # (counts + 1) / (2 + 3)
+    )
+
+
+def test_markov_tunes_beta_by_validation_log_likelihood():
+    # Validation = training: the raw transition frequencies are best, so the smallest β wins.
+    assert baselines.Markov(TRAIN, TRAIN, NUM_SONGS).beta == baselines.BETAS[0]
+    # Validation follows song 0 by song 4, never seen after it: popularity must take over.
+    assert baselines.Markov(TRAIN, tokens([[0, 4]]), NUM_SONGS).beta == baselines.BETAS[-1]
+    with pytest.raises(yes_reader.DataError, match="markov"):
+        baselines.Markov(TRAIN, tokens([[3]]), NUM_SONGS)
+
+
+def test_history_weights_are_linear_in_recency_and_keep_the_latest_repeat():
+    weighted = baselines.history_matrix([np.array([3, 1, 3, 0])], NUM_SONGS).toarray()
+    # Positions 1..4 of 4 weigh 1/4, 2/4, 3/4, 1; song 3 keeps 3/4 (its latest position).
+    np.testing.assert_allclose(weighted[0], [1.0, 0.5, 0.0, 0.75, 0.0])
+
+
+S10, S15 = math.sqrt(10), math.sqrt(15)
+
+
+def test_sknn_similarities_and_neighbour_scores():
+    # History [0, 1] weighs song 0 by 1/2 and song 1 by 1, norm sqrt(5)/2.
+    # cos(P0 {0,1}) = 1.5 / (sqrt(5)/2 * sqrt(2)) = 3/sqrt(10); cos(P1 {1,2}) = 2/sqrt(10);
+    # cos(P3 {0,3,4}) = 0.5 / (sqrt(5)/2 * sqrt(3)) = 1/sqrt(15); P2 shares no song.
+    history = [np.array([0, 1])]
+    knn = baselines.SessionKNN(TRAIN, NUM_SONGS)
+    expected = [3 / S10 + 1 / S15, 5 / S10, 2 / S10, 1 / S15, 1 / S15]
+    np.testing.assert_allclose(knn.neighbour_scores(history)[0], expected)
+    # k = 2 keeps P0 and P1 only.
+    knn2 = baselines.SessionKNN(TRAIN, NUM_SONGS, neighbours=2)
+    np.testing.assert_allclose(knn2.neighbour_scores(history)[0], [3 / S10, 5 / S10, 2 / S10, 0, 0])
+    # 2 candidates: the most recent playlists sharing a song are P3 and P1 (P0 is older).
+    knn_recent = baselines.SessionKNN(TRAIN, NUM_SONGS, candidates=2)
+    expected = [1 / S15, 2 / S10, 2 / S10, 1 / S15, 1 / S15]
+    np.testing.assert_allclose(knn_recent.neighbour_scores(history)[0], expected)
+
+
+def test_sknn_breaks_ties_by_popularity_and_can_rank_the_history_last():
+    # With 2 candidates (see above) songs 1, 2 tie at 2/sqrt(10) and songs 0, 3, 4 at
+    # 1/sqrt(15). Popularity (2, 2, 3, 3, 1) orders them: 2, 1, 3, 0, 4.
+    knn = baselines.SessionKNN(TRAIN, NUM_SONGS, candidates=2)
+    assert ranks(knn, [[0, 1]] * 5, [0, 1, 2, 3, 4]) == [4, 2, 1, 3, 5]
+    # History last: 2, 3, 4, then the history songs 1, 0.
+    last = baselines.SessionKNN(TRAIN, NUM_SONGS, history_last=True, candidates=2)
+    assert ranks(last, [[0, 1]] * 5, [0, 1, 2, 3, 4]) == [5, 4, 1, 2, 3]
+    # History [4]: only P3 shares a song, so songs 0, 3, 4 tie at 1/sqrt(3) and songs 1, 2 score
+    # 0; popularity orders them 3, 0, 4, 2, 1.
+    assert ranks(knn, [[4]] * 2, [3, 1]) == [1, 5]
+
+
+def test_events_from_windows_are_every_position_of_every_playlist():
+    playlists = tokens([[0, 1, 2, 3, 4], [1], [2, 3], [4, 0, 1]])
+    windows = yes_reader.make_windows(playlists, batch_size=2, num_steps=2)
+    events = baselines.Events.from_windows(windows)
+    got = sorted(
+        (tuple(h.tolist()), int(t))
+        for h, t in zip(events.histories(slice(None)), events.targets, strict=True)
+    )
+    usable = ([0, 1, 2, 3, 4], [2, 3], [4, 0, 1])  # [1] has no next song
+    expected = sorted((tuple(p[:t]), p[t]) for p in usable for t in range(1, len(p)))
+    assert got == expected and len(events) == windows.events
+    # Events follow the C order of the windows' weights, so model outputs line up.
+    assert np.all(np.diff(events.window) >= 0)
+    w, r, s = np.nonzero(windows.weights)
+    np.testing.assert_array_equal(events.targets, windows.targets[w, r, s])
+
+
+def test_evaluate_uses_the_shared_metrics():
+    pop = baselines.Popularity(TRAIN, NUM_SONGS)
+    windows = yes_reader.make_windows(tokens([[4, 0, 2]]), batch_size=1, num_steps=5)
+    report = baselines.evaluate(pop, baselines.Events.from_windows(windows))
+    # Events: [4] -> 0 (rank 4), [4, 0] -> 2 (rank 2, tie with song 3).
+    assert report["events"] == 2
+    assert report["recall"]["1"] == 0 and report["recall"]["5"] == 1
+    assert report["mrr"]["20"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert report["log_likelihood"] == pytest.approx((math.log(3 / 16) + math.log(4 / 16)) / 2)
+    knn = baselines.evaluate(
+        baselines.SessionKNN(TRAIN, NUM_SONGS), baselines.Events.from_windows(windows)
+    )
+    assert knn["log_likelihood"] is None and knn["perplexity"] is None
+
+
+def test_blend_mixes_per_event_probabilities():
+    fitted = {
+        "popularity": baselines.Popularity(TRAIN, NUM_SONGS),
+        "markov": baselines.Markov(TRAIN, [], NUM_SONGS, beta=1.0),
+    }
+    windows = yes_reader.make_windows(tokens([[2, 0, 3]]), batch_size=1, num_steps=5)
+    # Event [2, 0] -> 3: markov [1/16, 19/48, 1/12, 5/12, 1/24], popularity [3,3,4,4,2]/16.
+    # Weights 1:3 (divided by their sum): song 1 = 19/192 + 9/64 = 46/192, song 3 =
+    # 5/48 + 3/16 = 56/192, song 2 = 1/48 + 3/16 = 40/192: target 3 is first.
+    # Event [2] -> 0: markov after 2 (n_2 = 1, only 2->3): [3/32, 3/32, 1/8, 1/2 + 1/8, 1/16];
+    # blend song 0 = 3/128 + 9/64 = 21/128, songs 1 the same, 2 = 1/32 + 3/16, 3 = 5/32 + 3/16:
+    # target 0 ties song 1 and is below 2 and 3: rank 4.
+    blend = {"markov": 1.0, "popularity": 3.0}
+    (report,) = baselines.evaluate_blends([blend], fitted, None, windows)
+    assert report["events"] == 2
+    assert report["recall"]["1"] == 0.5 and report["mrr"]["20"] == pytest.approx((1 + 1 / 4) / 2)
+    expected_ll = (math.log(21 / 128) + math.log(56 / 192)) / 2
+    assert report["log_likelihood"] == pytest.approx(expected_ll, rel=1e-5)
+    # The grid is the simplex; the vertices are the components alone.
+    assert baselines.simplex(["a", "b"], 0.5) == [
+        {"a": 0.0, "b": 1.0},
+        {"a": 0.5, "b": 0.5},
+        {"a": 1.0, "b": 0.0},
+    ]
+    (alone,) = baselines.evaluate_blends(
+        [{"markov": 1.0, "popularity": 0.0}], fitted, None, windows
+    )
+    markov_alone = baselines.evaluate(fitted["markov"], baselines.Events.from_windows(windows))
+    assert alone["mrr"]["20"] == pytest.approx(markov_alone["mrr"]["20"])
+    assert alone["log_likelihood"] == pytest.approx(markov_alone["log_likelihood"], rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(small_slice, tmp_path_factory) -> config_lib.Config:
+    """A tiny model trained for one epoch on the yes_small slice."""
+    cfg = config_lib.make_config(
+        dict(
+            data_dir=str(small_slice),
+            model_dir=str(tmp_path_factory.mktemp("baselines_run")),
+            embedding_size=8,
+            hidden_size=8,
+            batch_size=50,
+            num_steps=5,
+            num_epochs=1,
+        )
+    )
+    tasks.TASKS["next_song"].train(cfg)
+    return cfg
+
+
+def run_eval(cfg: config_lib.Config, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deepcf.py"),
+            "--mode=eval",
+            f"--data_dir={cfg.data_dir}",
+            f"--model_dir={cfg.model_dir}",
+            f"--num_steps={cfg.num_steps}",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained):
+    result = run_eval(trained, "--baselines=popularity,markov,sknn", "--blend=rnn:0.5,markov:0.5")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split()[0] for line in result.stdout.splitlines()]
+    assert rows == ["method", "popularity", "markov", "sknn", "model", "blend"]
+    m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
+    assert list(m["baselines"]) == ["popularity", "markov", "sknn"]
+    schema = {"events", "recall", "mrr", "ndcg", "log_likelihood", "perplexity"}
+    for report in m["baselines"].values():
+        assert set(report) == schema and report["events"] == m["events"]
+        assert list(report["recall"]) == list(m["recall"])
+    assert m["baselines"]["sknn"]["log_likelihood"] is None
+    assert m["blend"]["weights"] == {"rnn": 0.5, "markov": 0.5}
+    assert m["blend"]["events"] == m["events"]
+    # A blend puts mass on the model's choices: its log-likelihood is at least the weighted mean
+    # of the two components' (concavity of log).
+    floor = 0.5 * m["log_likelihood"] + 0.5 * m["baselines"]["markov"]["log_likelihood"]
+    assert m["blend"]["log_likelihood"] >= floor - 1e-4
+
+
+def test_eval_cli_tunes_blend_weights_on_validation(trained):
+    result = run_eval(trained, "--blend=rnn,markov")
+    assert result.returncode == 0, result.stderr[-2000:]
+    m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
+    weights = m["blend"]["weights"]
+    assert set(weights) == {"rnn", "markov"} and sum(weights.values()) == pytest.approx(1.0)
+    assert m["blend"]["validation"]["events"] > 0 and "baselines" in m
+
+
+def test_unknown_baseline_is_a_flag_error(trained):
+    result = run_eval(trained, "--baselines=popularity,knn")
+    assert result.returncode == 2
+    assert "--baselines=popularity,knn" in result.stderr and "knn" in result.stderr
