@@ -149,7 +149,7 @@ class EmbeddingProjectorHook(keras.callbacks.Callback):
     writes what the projector plugin reads into `log_dir`, which must be a run directory with
     event files (e.g. `tensorboard/train`): `metadata.tsv` (a header of `columns`, then one row
     of labels per embedding row) and `projector_config.pbtxt` when training starts, and a
-    checkpoint `embeddings-<epoch>` of the matrix after every epoch.
+    checkpoint `embeddings-<epoch>` of the matrix after every epoch and at the end.
 
     Args:
       log_dir: the run directory.
@@ -172,6 +172,7 @@ class EmbeddingProjectorHook(keras.callbacks.Callback):
                 f"{len(rows)} label rows of {len(columns)} columns for a {num_rows}-row embedding"
             )
         self._log_dir, self._columns, self._rows = log_dir, tuple(columns), rows
+        self._epoch = 0
         self._manager = tf.train.CheckpointManager(
             tf.train.Checkpoint(embedding=layer.embeddings),
             log_dir,
@@ -196,5 +197,9 @@ class EmbeddingProjectorHook(keras.callbacks.Callback):
         )
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        path = self._manager.save(checkpoint_number=epoch + 1)
-        logging.info("projector embeddings %s", path)
+        self._epoch = epoch + 1
+        logging.info("projector embeddings %s", self._manager.save(checkpoint_number=self._epoch))
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        """Saves the final weights again: EarlyStopping may have restored an earlier epoch's."""
+        self._manager.save(checkpoint_number=self._epoch)

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -248,3 +249,23 @@ def test_help_lists_every_flag_by_group_from_the_console_script():
             first_words = " ".join(field.metadata["help"].split()[:3])
             assert first_words in " ".join(section.split()), (group, field.name)
     assert "--mode: <train|eval|recommend|export>" in out and "--verbosity" in out
+
+
+def test_projector_hook_saves_the_final_weights_and_checks_rows(tmp_path):
+    layer = keras.layers.Embedding(3, 2)
+    layer.build((None,))
+    with pytest.raises(ValueError, match="2 label rows of 1 columns for a 3-row embedding"):
+        hooks.EmbeddingProjectorHook(str(tmp_path), layer, ["title"], [["<padding>"], ["a"]])
+    hook = hooks.EmbeddingProjectorHook(
+        str(tmp_path), layer, ["title", "tag"], [["<padding>", ""], ["a\tb", "x"], ["c", ""]]
+    )
+    hook.on_train_begin()
+    hook.on_epoch_end(0)
+    layer.embeddings.assign(np.arange(6, dtype="float32").reshape(3, 2))  # e.g. EarlyStopping
+    hook.on_train_end()
+    saved = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(tmp_path)))
+    np.testing.assert_array_equal(
+        saved.get_tensor("embedding/.ATTRIBUTES/VARIABLE_VALUE"), np.arange(6).reshape(3, 2)
+    )
+    tsv = (tmp_path / "metadata.tsv").read_text()
+    assert tsv == "title\ttag\n<padding>\t\na b\tx\nc\t\n"
