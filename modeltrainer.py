@@ -56,7 +56,13 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.checkpoint_every_steps = checkpoint_every_steps
         self.model_file = model_file
-        checkpoint = tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+        # Keras 3 tracks layers and variables kept in Python lists (the recurrent stack, the carried
+        # state) but tf.train.Checkpoint does not see them there: name every variable explicitly.
+        checkpoint = tf.train.Checkpoint(
+            model=model,
+            optimizer=model.optimizer,
+            variables={v.path: v for v in model.variables},
+        )
         directory = os.path.join(model_dir, CHECKPOINT_DIR)
         try:
             self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep=3)
