@@ -7,14 +7,36 @@ field metadata), so `--hidden_size` = `Config.hidden_size` = `build_model(hidden
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import tempfile
 from typing import Any
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
+AUDIO_LOSSES = ("mse", "smooth_l1")
+STANDARDIZE = ("train", "global")
+LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
+_HARRY = "data/harry2687-spotify-2023"
+# Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
+# the GRU report's chapter 3 settings (2 GRU layers of 512 units, Adam 0.01, batch 1, 5 epochs
+# per month) on the shipped harry2687 history; its full feature table is listed first, so it wins.
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "audio_features": dict(
+        cell="gru",
+        hidden_size=512,
+        learning_rate=0.01,
+        batch_size=1,
+        num_epochs=5,
+        model_dir="runs/audio_features",
+        listening_log=f"{_HARRY}/StreamingHistory_music_*.json",
+        features=f"{_HARRY}/full_track_features.csv,{_HARRY}/track_features.csv",
+    ),
+}
 LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last")  # see baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
@@ -32,7 +54,14 @@ def _field(default: Any, group: str, help: str, **choices: Any) -> Any:
 class Config:
     """Everything a run needs. Defaults are the UCL report's next-song settings."""
 
-    task: str = _field("next_song", "data", "Which recommender to run.", choices=TASK_NAMES)
+    task: str = _field(
+        "next_song",
+        "data",
+        "Which recommender to run. audio_features has its own defaults (config.TASK_DEFAULTS: "
+        "the GRU report's cell gru, hidden_size 512, learning_rate 0.01, batch_size 1, "
+        "num_epochs 5, the harry2687 data, model_dir runs/audio_features).",
+        choices=TASK_NAMES,
+    )
     data_dir: str = _field(
         "data/yes_big",
         "data",
@@ -111,6 +140,40 @@ class Config:
         "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",
     )
 
+    listening_log: str = _field(
+        "",
+        "audio",
+        "Listening log file(s) or glob(s), comma-separated: Spotify .json or .csv history, "
+        "Last.fm-1K .tsv.",
+    )
+    features: str = _field(
+        "", "audio", "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins."
+    )
+    user: str = _field("", "audio", "Last.fm-1K user id to keep (needed if the log has several).")
+    min_ms_played: int = _field(
+        30_000, "audio", "Plays shorter than this (ms) are skips and dropped (logs with msPlayed)."
+    )
+    english_only: bool = _field(
+        False, "audio", "Drop plays whose title has non-Latin letters (the GRU report's cleaning)."
+    )
+    standardize: str = _field(
+        "train",
+        "audio",
+        "Fit the feature z-scores on the training plays only (train), or on all plays as the "
+        "report did (global; test months leak into the scaling).",
+        choices=STANDARDIZE,
+    )
+    seq_len: int = _field(10, "audio", "Feature vectors the model reads (GRU report: 10).")
+    pred_steps: int = _field(
+        5, "audio", "Feature vectors it predicts = songs recommended (GRU report: 5)."
+    )
+    loss: str = _field(
+        "mse", "audio", "Regression loss (report: MSE, then Smooth L1).", choices=AUDIO_LOSSES
+    )
+    bar: int = _field(
+        20, "audio", "Hit rate: the candidate window grows to the BAR most recent test plays."
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -120,7 +183,7 @@ class Config:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name}={value}: must be a finite number")
         positive = ("num_layers", "embedding_size", "hidden_size", "batch_size", "num_steps")
-        positive += ("learning_rate", "max_grad_norm", "num_epochs")
+        positive += ("learning_rate", "max_grad_norm", "num_epochs", "seq_len", "pred_steps", "bar")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be > 0")
@@ -136,6 +199,12 @@ class Config:
                 "--early_stopping_patience/--reduce_lr_patience need a validation split: "
                 "set --valid_fraction > 0"
             )
+        if self.min_ms_played < 0:
+            raise ConfigError(f"--min_ms_played={self.min_ms_played}: must be >= 0")
+        if self.task == "audio_features":
+            for name in ("listening_log", "features"):
+                if not self.paths(name):
+                    raise ConfigError(f"--{name}: --task=audio_features needs at least one file")
         if self.top_k <= 0:
             raise ConfigError(f"--top_k={self.top_k}: must be > 0")
         if self.export_version < 0:
@@ -159,6 +228,10 @@ class Config:
     def blend_weights(self) -> dict[str, float | None]:
         """--blend as {component: weight} (see `parse_blend`)."""
         return parse_blend(self.blend)
+
+    def paths(self, name: str) -> list[str]:
+        """The comma-separated files or globs of flag `name` (e.g. `listening_log`)."""
+        return [p.strip() for p in getattr(self, name).split(",") if p.strip()]
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,8 +277,47 @@ def fields_by_group() -> dict[str, list[dataclasses.Field]]:
 
 
 def make_config(given: dict[str, Any]) -> Config:
-    """The defaults, overridden only by the settings the user actually gave."""
-    return dataclasses.replace(Config(), **given)
+    """The defaults of the task (`TASK_DEFAULTS`), overridden only by the settings given."""
+    task = given.get("task", Config.task)
+    return dataclasses.replace(Config(task=task, **TASK_DEFAULTS.get(task, {})), **given)
+
+
+def _md5(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.md5(f.read()).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def write_run_config(config: Config, data_files: list[str], extra: dict) -> None:
+    """Writes `model_dir/config.json`: all settings, data md5s, library versions."""
+    payload = {
+        "config": config.to_json(),
+        "data_md5": {path: _md5(path) for path in data_files},
+        "versions": _versions(),
+        **extra,
+    }
+    write_json_atomic(os.path.join(config.model_dir, "config.json"), payload)
+
+
+def make_model_dir(model_dir: str) -> None:
+    """Creates `model_dir` or fails with a message naming it and the flag."""
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        probe = os.path.join(model_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"--model_dir={model_dir}: not writable ({e.strerror})") from None
 
 
 def write_json_atomic(path: str, payload: Any) -> None:

@@ -6,10 +6,7 @@ They share the trainer, hooks, config and CLI; `TASKS[name].train(config)`, `.ev
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import os
-import platform
 
 import keras
 import numpy as np
@@ -22,48 +19,6 @@ import metrics
 import modeltrainer
 import musicmodel
 import yes_reader
-
-LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
-
-
-def _md5(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def write_run_config(config: config_lib.Config, data_files: list[str], extra: dict) -> None:
-    """Writes `model_dir/config.json`: all settings, data md5s, library versions."""
-    payload = {
-        "config": config.to_json(),
-        "data_md5": {path: _md5(path) for path in data_files},
-        "versions": _versions(),
-        **extra,
-    }
-    config_lib.write_json_atomic(os.path.join(config.model_dir, "config.json"), payload)
-
-
-def make_model_dir(model_dir: str) -> None:
-    """Creates `model_dir` or fails with a message naming it and the flag."""
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise config_lib.ConfigError(
-            f"--model_dir={model_dir}: not writable ({e.strerror})"
-        ) from None
 
 
 def evaluate_windows(model: keras.Model, windows: yes_reader.Windows) -> dict:
@@ -175,10 +130,10 @@ class NextSongTask:
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed
         )
-        make_model_dir(config.model_dir)
+        config_lib.make_model_dir(config.model_dir)
         data_files = [os.path.join(config.data_dir, "song_hash.txt")]
         data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
-        write_run_config(
+        config_lib.write_run_config(
             config,
             data_files,
             {"num_songs": data.catalog.size, "train_events": windows.events},
