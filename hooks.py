@@ -28,17 +28,23 @@ class TrainingError(RuntimeError):
 
 
 class LossHook(keras.callbacks.Callback):
-    """Adds the training perplexity to the epoch logs, logs a line, and stops on NaN/inf loss."""
+    """Adds the training perplexity to the epoch logs, logs a line, and stops on NaN/inf loss.
 
-    def __init__(self, last_checkpoint: Callable[[], str | None] = lambda: None):
+    Args:
+      discard_from: called with step `s - 1` when the loss of step `s` is not finite (the weights
+        saved after step `s - 1` gave that loss); drops those checkpoints and returns the newest
+        one left, if any.
+    """
+
+    def __init__(self, discard_from: Callable[[int], str | None] = lambda step: None):
         super().__init__()
-        self._last_checkpoint = last_checkpoint
+        self._discard_from = discard_from
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
             step = int(self.model.optimizer.iterations)
-            saved = self._last_checkpoint() or "none yet"
+            saved = self._discard_from(step - 1) or "none"
             raise TrainingError(
                 f"training loss became {loss} at step {step}; stopped without saving "
                 f"(last good checkpoint: {saved}). Try a lower --learning_rate."

@@ -101,6 +101,24 @@ class Trainer:
             )
         return 0
 
+    def discard_from(self, step: int) -> str | None:
+        """Deletes the checkpoints of global step `step` and later; returns the newest one left.
+
+        The weights saved after step `s` first meet data at step `s + 1`: when that loss is NaN,
+        resuming from them would fail the same way, so they go.
+        """
+        kept = []
+        for path in self.manager.checkpoints:
+            if int(path.rsplit("-", 1)[1]) < step:
+                kept.append(path)
+                continue
+            for name in tf.io.gfile.glob(f"{path}.*"):
+                tf.io.gfile.remove(name)
+            logging.warning("deleted checkpoint %s: its weights give a non-finite loss", path)
+        if not kept and tf.io.gfile.exists(os.path.join(self.manager.directory, "checkpoint")):
+            tf.io.gfile.remove(os.path.join(self.manager.directory, "checkpoint"))
+        return kept[-1] if kept else None
+
     def train(
         self,
         make_dataset: Callable[[int], tf.data.Dataset],
@@ -120,7 +138,7 @@ class Trainer:
             verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
         all_callbacks = [
-            hooks.LossHook(lambda: self.manager.latest_checkpoint),
+            hooks.LossHook(self.discard_from),
             *callbacks,
             hooks.CheckpointHook(self.manager, self.checkpoint_every_steps),
             keras.callbacks.TensorBoard(
