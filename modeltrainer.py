@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+import cluster
 import hooks
 
 MODEL_FILE = "model.keras"
@@ -36,7 +37,9 @@ class Trainer:
     Args:
       model: built and compiled, with its optimizer built (see `musicmodel.compile_model`).
       model_dir: checkpoints go to `model_dir/checkpoints`, TensorBoard logs to
-        `model_dir/tensorboard`, the final model to `model_dir/model.keras`.
+        `model_dir/tensorboard`, the final model to `model_dir/model.keras`. Under a
+        multi-worker strategy only the chief writes there; the other workers restore from it but
+        write to a temporary directory (`cluster.write_dir`) that they delete at the end.
       checkpoint_every_steps: also checkpoint every N steps (0: only at epoch ends).
     """
 
@@ -56,12 +59,14 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch
         self.checkpoint_every_steps = checkpoint_every_steps
         self.model_file = model_file
+        self.write_dir = cluster.write_dir(model.distribute_strategy, model_dir)
         # Keras 3 tracks layers and variables kept in Python lists (the recurrent stack, the carried
-        # state) but tf.train.Checkpoint does not see them there: name every variable explicitly.
+        # state) but tf.train.Checkpoint does not see them there: name every variable explicitly,
+        # by its path below the model (the model's own name differs between processes' models).
         checkpoint = tf.train.Checkpoint(
             model=model,
             optimizer=model.optimizer,
-            variables={v.path: v for v in model.variables},
+            variables={v.path.split("/", 1)[-1]: v for v in model.variables},
         )
         directory = os.path.join(model_dir, CHECKPOINT_DIR)
         try:
@@ -70,10 +75,15 @@ class Trainer:
             raise ModelError(
                 f"{directory}/checkpoint: unreadable ({e}); move {directory} away to start over"
             ) from None
+        self.saver = self.manager  # restore from `manager`, save (and discard) with `saver`
+        if self.write_dir != model_dir:
+            self.saver = tf.train.CheckpointManager(
+                checkpoint, os.path.join(self.write_dir, CHECKPOINT_DIR), max_to_keep=1
+            )
 
     @property
     def step(self) -> int:
-        return int(self.model.optimizer.iterations)
+        return hooks.global_step(self.model)
 
     def restore(self) -> int:
         """Restores the newest checkpoint that loads; returns the global step (0 if none).
@@ -108,15 +118,15 @@ class Trainer:
         resuming from them would fail the same way, so they go.
         """
         kept = []
-        for path in self.manager.checkpoints:
+        for path in self.saver.checkpoints:
             if int(path.rsplit("-", 1)[1]) < step:
                 kept.append(path)
                 continue
             for name in tf.io.gfile.glob(f"{path}.*"):
                 tf.io.gfile.remove(name)
             logging.warning("deleted checkpoint %s: its weights give a non-finite loss", path)
-        if not kept and tf.io.gfile.exists(os.path.join(self.manager.directory, "checkpoint")):
-            tf.io.gfile.remove(os.path.join(self.manager.directory, "checkpoint"))
+        if not kept and tf.io.gfile.exists(os.path.join(self.saver.directory, "checkpoint")):
+            tf.io.gfile.remove(os.path.join(self.saver.directory, "checkpoint"))
         return kept[-1] if kept else None
 
     def train(
@@ -140,9 +150,9 @@ class Trainer:
         all_callbacks = [
             hooks.LossHook(self.discard_from),
             *callbacks,
-            hooks.CheckpointHook(self.manager, self.checkpoint_every_steps),
+            hooks.CheckpointHook(self.saver, self.checkpoint_every_steps),
             keras.callbacks.TensorBoard(
-                os.path.join(self.model_dir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
+                os.path.join(self.write_dir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
             ),
         ]
         epoch, offset = divmod(step, self.steps_per_epoch)
@@ -158,6 +168,8 @@ class Trainer:
         else:
             logging.info("already trained for %d epochs", self.num_epochs)
         self.save()
+        if self.write_dir != self.model_dir:
+            shutil.rmtree(self.write_dir)
 
     def _fit(self, dataset, epoch: int, steps: int | None, callbacks, verbose) -> None:
         self.model.fit(
@@ -172,8 +184,8 @@ class Trainer:
 
     def save(self) -> str:
         """Saves the model to `model_dir/model.keras` via a temporary file and a rename."""
-        path = os.path.join(self.model_dir, self.model_file)
-        fd, tmp = tempfile.mkstemp(dir=self.model_dir, prefix=".tmp-", suffix=".keras")
+        path = os.path.join(self.write_dir, self.model_file)
+        fd, tmp = tempfile.mkstemp(dir=self.write_dir, prefix=".tmp-", suffix=".keras")
         os.close(fd)
         try:
             self.model.save(tmp)
