@@ -41,6 +41,11 @@ def command(data_dir: pathlib.Path, model_dir: pathlib.Path) -> list[str]:
     return [sys.executable, str(ROOT / "deepcf.py"), *flags]
 
 
+def failure(stderr: str) -> str:
+    """The `deepcf:` lines and the end of a failed run's stderr."""
+    return "\n".join([line for line in stderr.splitlines() if "deepcf:" in line] + [stderr[-2000:]])
+
+
 def checkpoint_state(model_dir: pathlib.Path) -> tuple[int, list[float]]:
     """(newest complete checkpoint step, save times of the kept ones) from the `checkpoint` file."""
     text = (model_dir / "checkpoints" / "checkpoint").read_text()
@@ -62,10 +67,11 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
         text=True,
     )
     killed_dir = tmp_path / "killed"
+    victim_log = tmp_path / "killed.log"
     victim = subprocess.Popen(
         command(small_slice, killed_dir),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=victim_log.open("w"),
         cwd=ROOT,
         env=env,
     )
@@ -75,7 +81,7 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
     time.sleep(0.3)  # let it run on past the first checkpoint, into later steps
     victim.send_signal(signal.SIGKILL)
     killed_at = time.time()
-    assert victim.wait() == -signal.SIGKILL
+    assert victim.wait() == -signal.SIGKILL, failure(victim_log.read_text())
     assert not (killed_dir / "model.keras").exists(), "finished before the kill: train longer"
     saved, times = checkpoint_state(killed_dir)
     assert saved >= EVERY
@@ -83,12 +89,12 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
     resumed = subprocess.run(
         command(small_slice, killed_dir), capture_output=True, text=True, cwd=ROOT, env=env
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed.stderr)
     assert f"resuming from {killed_dir / 'checkpoints'}/ckpt-{saved} at step {saved}" in (
         resumed.stderr
     )
     _, reference_log = reference.communicate(timeout=600)
-    assert reference.returncode == 0, reference_log[-3000:]
+    assert reference.returncode == 0, failure(reference_log)
     assert max(ckpt_steps(killed_dir)) == max(ckpt_steps(tmp_path / "reference"))
 
     # Steps done after the last complete checkpoint are lost: fewer than EVERY, or EVERY if the
