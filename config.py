@@ -18,6 +18,7 @@ from typing import Any
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
+STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
 AUDIO_LOSSES = ("mse", "smooth_l1")
 STANDARDIZE = ("train", "global")
 LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
@@ -109,6 +110,14 @@ class Config:
         0, "training", "Also checkpoint every N steps (0: only at epoch ends)."
     )
     seed: int = _field(0, "training", "Seed for the validation split, data order and weights.")
+    strategy: str = _field(
+        "default",
+        "training",
+        "tf.distribute strategy: default (one device), mirrored (all local devices) or "
+        "multi_worker (the cluster in the TF_CONFIG environment variable); --batch_size is the "
+        "global batch, split evenly over the replicas. See docs/scaling.md.",
+        choices=STRATEGIES,
+    )
     baselines: str = _field(
         "",
         "evaluation",

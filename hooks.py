@@ -23,6 +23,11 @@ VALIDATION_KEYS = ("loss", "perplexity", "recall@20", "mrr@20")
 PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays short
 
 
+def global_step(model: keras.Model) -> int:
+    """The optimizer's step counter (`.numpy()`: under a strategy it is a mirrored variable)."""
+    return int(model.optimizer.iterations.numpy())
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss is not finite)."""
 
@@ -43,7 +48,7 @@ class LossHook(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            step = int(self.model.optimizer.iterations)
+            step = global_step(self.model)
             saved = self._discard_from(step - 1) or "none"
             raise TrainingError(
                 f"training loss became {loss} at step {step}; stopped without saving "
@@ -96,13 +101,13 @@ class CheckpointHook(keras.callbacks.Callback):
         self._every_steps = every_steps
 
     def _save(self) -> None:
-        step = int(self.model.optimizer.iterations)
+        step = global_step(self.model)
         if self._manager.latest_checkpoint and self._manager.latest_checkpoint.endswith(f"-{step}"):
             return
         logging.info("checkpoint %s", self._manager.save(checkpoint_number=step))
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._every_steps and int(self.model.optimizer.iterations) % self._every_steps == 0:
+        if self._every_steps and global_step(self.model) % self._every_steps == 0:
             self._save()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

@@ -91,7 +91,7 @@ class Trainer:
         The learning rate stays the compiled one (`--learning_rate`), not the checkpoint's, so a
         run stopped by a NaN loss can go on from its last checkpoint with a lower rate.
         """
-        learning_rate = float(self.model.optimizer.learning_rate)
+        learning_rate = float(self.model.optimizer.learning_rate.numpy())  # may be mirrored
         error = None
         for path in reversed(self.manager.checkpoints):
             try:

@@ -48,18 +48,21 @@ def run_stack(rnns: list, x, states: list, training: bool = False):
     return x, finals
 
 
-def masked_cross_entropy(targets, logits, weights):
+def masked_cross_entropy(targets, logits, weights, total_weight=None):
     """Per-event cross-entropy (nats) and its mean over the real events of the batch.
 
     Args:
       targets: int32 [batch, time] song ids; logits: float [batch, time, songs];
       weights: float32 [batch, time], 0 at padding.
+      total_weight: float32 [], what to divide by (default `sum(weights)`); under a strategy, the
+        count of the global batch, so that the replicas' losses add up to its mean.
 
     Returns:
       (per_event [batch, time], mean over events: sum(weights * ce) / sum(weights)).
     """
     per_event = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-    mean = ops.sum(per_event * weights) / ops.maximum(ops.sum(weights), 1.0)
+    total_weight = ops.sum(weights) if total_weight is None else total_weight
+    mean = ops.sum(per_event * weights) / ops.maximum(total_weight, 1.0)
     return per_event, mean
 
 
@@ -104,18 +107,23 @@ class MusicModel(keras.Model):
         else:
             self.head = layers.Dense(num_songs, name="next_song_logits")
         per_layer = 2 if cell == "lstm" else 1
-        self.carried = [
-            [
-                self.add_weight(
-                    shape=(batch_size, hidden_size),
-                    initializer="zeros",
-                    trainable=False,
-                    name=f"carried_{i}_{j}",
-                )
-                for j in range(per_layer)
+        # One copy per replica (ON_READ), each holding the state of the whole global batch, so
+        # checkpoints have the same layout under every strategy (see `call`, docs/scaling.md).
+        with keras.name_scope(self.name):
+            self.carried = [
+                [
+                    keras.Variable(
+                        initializer="zeros",
+                        shape=(batch_size, hidden_size),
+                        trainable=False,
+                        synchronization="on_read",
+                        aggregation="only_first_replica",
+                        name=f"carried_{i}_{j}",
+                    )
+                    for j in range(per_layer)
+                ]
+                for i in range(num_layers)
             ]
-            for i in range(num_layers)
-        ]
         self.ranking = metrics.RankingMetrics()
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
@@ -153,13 +161,27 @@ class MusicModel(keras.Model):
         return x, finals
 
     def call(self, inputs, training: bool = False):
+        """Runs a window from the carried state and carries its final state to the next window.
+
+        Under a `tf.distribute` strategy with R replicas, replica r gets rows
+        `[r * batch_size / R, (r + 1) * batch_size / R)` of every window (see
+        `yes_reader.to_dataset`): it starts from those rows of the carried state, then the
+        replicas gather their final states, so that every copy again holds the whole batch.
+        """
         tokens, reset = inputs
+        replica = tf.distribute.get_replica_context()  # None in a cross-replica context
+        replicas = replica.num_replicas_in_sync if replica else 1
         keep = ops.expand_dims(ops.logical_not(ops.cast(reset, "bool")), -1)
-        states = [[ops.where(keep, v, 0.0) for v in layer] for layer in self.carried]
+        carried = self.carried
+        if replicas > 1:
+            rows = self.batch_size // replicas
+            first = replica.replica_id_in_sync_group * rows
+            carried = [[v[first : first + rows] for v in layer] for layer in self.carried]
+        states = [[ops.where(keep, v, 0.0) for v in layer] for layer in carried]
         logits, finals = self.forward(tokens, states, training=training)
         for layer_vars, layer_finals in zip(self.carried, finals, strict=True):
             for var, value in zip(layer_vars, layer_finals, strict=True):
-                var.assign(value)
+                var.assign(value if replicas == 1 else replica.all_gather(value, axis=0))
         return logits
 
     @property
@@ -168,11 +190,15 @@ class MusicModel(keras.Model):
 
     def train_step(self, data):
         (tokens, reset), targets, weights = data
+        # Keras sums the replicas' gradients: each replica divides by the global batch's count.
+        replica = tf.distribute.get_replica_context()
+        if self.loss_weighting == "event":  # same weight for every event of the epoch
+            count = ops.cast(ops.size(weights) * replica.num_replicas_in_sync, "float32")
+        else:  # the mean over the real events of the window
+            count = replica.all_reduce("sum", ops.sum(weights))
         with tf.GradientTape() as tape:
             logits = self((tokens, reset), training=True)
-            per_event, loss = masked_cross_entropy(targets, logits, weights)
-            if self.loss_weighting == "event":  # same weight for every event of the epoch
-                loss = ops.sum(per_event * weights) / ops.cast(ops.size(weights), "float32")
+            per_event, loss = masked_cross_entropy(targets, logits, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)

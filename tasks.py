@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 import baselines
+import cluster
 import config as config_lib
 import hooks
 import metrics
@@ -23,7 +24,7 @@ import yes_reader
 
 def evaluate_windows(model: keras.Model, windows: yes_reader.Windows) -> dict:
     """Full-catalog metrics of the model over every event of `windows` (see `metrics.py`)."""
-    dataset = yes_reader.to_dataset(windows)
+    dataset = cluster.distribute(model.distribute_strategy, windows)
     return model.evaluate(dataset, verbose=0, return_dict=True, callbacks=[hooks.ProgressHook()])
 
 
@@ -125,32 +126,37 @@ class NextSongTask:
     name = "next_song"
 
     def train(self, config: config_lib.Config) -> None:
+        strategy = cluster.make_strategy(config.strategy)  # before any other TensorFlow op
+        cluster.check_batch_size(strategy, config.batch_size)
         keras.utils.set_random_seed(config.seed)
         data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed
         )
-        config_lib.make_model_dir(config.model_dir)
-        data_files = [os.path.join(config.data_dir, "song_hash.txt")]
-        data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
-        config_lib.write_run_config(
-            config,
-            data_files,
-            {"num_songs": data.catalog.size, "train_events": windows.events},
-        )
-        model = musicmodel.build_model(
-            num_songs=data.catalog.size,
-            cell=config.cell,
-            num_layers=config.num_layers,
-            embedding_size=config.embedding_size,
-            hidden_size=config.hidden_size,
-            dropout=config.dropout,
-            batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            max_grad_norm=config.max_grad_norm,
-            tie_embeddings=config.tie_embeddings,
-            loss_weighting=config.loss_weighting,
-        )
+        write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
+        config_lib.make_model_dir(write_dir)
+        if cluster.is_chief(strategy):
+            data_files = [os.path.join(config.data_dir, "song_hash.txt")]
+            data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
+            config_lib.write_run_config(
+                config,
+                data_files,
+                {"num_songs": data.catalog.size, "train_events": windows.events},
+            )
+        with strategy.scope():
+            model = musicmodel.build_model(
+                num_songs=data.catalog.size,
+                cell=config.cell,
+                num_layers=config.num_layers,
+                embedding_size=config.embedding_size,
+                hidden_size=config.hidden_size,
+                dropout=config.dropout,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                max_grad_norm=config.max_grad_norm,
+                tie_embeddings=config.tie_embeddings,
+                loss_weighting=config.loss_weighting,
+            )
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)
@@ -159,7 +165,7 @@ class NextSongTask:
         callbacks.append(hooks.ProgressHook())
         callbacks.append(
             hooks.EmbeddingProjectorHook(
-                os.path.join(config.model_dir, modeltrainer.TENSORBOARD_DIR, "train"),
+                os.path.join(write_dir, modeltrainer.TENSORBOARD_DIR, "train"),
                 model.embedding,
                 *song_labels(config.data_dir, data.catalog),
             )
@@ -172,7 +178,7 @@ class NextSongTask:
             steps_per_epoch=windows.num_windows,
             checkpoint_every_steps=config.checkpoint_every_steps,
         )
-        trainer.train(lambda step: yes_reader.to_dataset(windows, order[step:]), callbacks)
+        trainer.train(lambda step: cluster.distribute(strategy, windows, order[step:]), callbacks)
 
     def evaluate(self, config: config_lib.Config) -> dict:
         catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))

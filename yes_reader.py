@@ -378,18 +378,38 @@ def schedule(windows: Windows, num_epochs: int, seed: int) -> np.ndarray:
     return np.concatenate(epochs)
 
 
-def to_dataset(windows: Windows, order: np.ndarray | None = None) -> tf.data.Dataset:
-    """A `tf.data` pipeline of `((inputs, reset), targets, weights)` windows in `order`."""
+def to_dataset(
+    windows: Windows,
+    order: np.ndarray | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+) -> tf.data.Dataset:
+    """A `tf.data` pipeline of `((inputs, reset), targets, weights)` windows in `order`.
+
+    With the `input_context` of `tf.distribute.Strategy.distribute_datasets_from_function`, the
+    pipeline of worker `p` with `L` local replicas yields, for every window in `order`, one element
+    per local replica `r = p * L + j` (j = 0..L-1): rows `[r * b, (r + 1) * b)` of the window, with
+    `b = batch / replicas`. Replica `r` thus always gets the same rows (playlists), whose carried
+    state it keeps (see `MusicModel.call`), and every worker walks through the same windows.
+    """
     order = np.arange(windows.num_windows) if order is None else order
     arrays = (windows.inputs, windows.reset, windows.targets, windows.weights)
     tensors = tuple(tf.constant(a) for a in arrays)
+    rows, local = windows.inputs.shape[1], np.zeros(1, np.int64)
+    if input_context is not None:
+        per_worker = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+        local = input_context.input_pipeline_id * per_worker + np.arange(per_worker)
+        rows = input_context.get_per_replica_batch_size(rows)
 
-    def pick(i):
-        inputs, reset, targets, weights = (tf.gather(t, i) for t in tensors)
+    def pick(i, replica):
+        first = replica * rows
+        inputs, reset, targets, weights = (tf.gather(t, i)[first : first + rows] for t in tensors)
+        if input_context is not None:  # Keras averages a first batch over replicas: no bools
+            reset = tf.cast(reset, tf.float32)
         return (inputs, reset), targets, weights
 
+    indices = (np.repeat(order, len(local)), np.tile(local, len(order)))
     return (
-        tf.data.Dataset.from_tensor_slices(order.astype(np.int64))
+        tf.data.Dataset.from_tensor_slices(tuple(a.astype(np.int64) for a in indices))
         .map(pick, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
