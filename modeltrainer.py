@@ -61,12 +61,14 @@ class Trainer:
         self.model_file = model_file
         self.write_dir = cluster.write_dir(model.distribute_strategy, model_dir)
         # Keras 3 tracks layers and variables kept in Python lists (the recurrent stack, the carried
-        # state) but tf.train.Checkpoint does not see them there: name every variable explicitly,
-        # by its path below the model (the model's own name differs between processes' models).
+        # state) but tf.train.Checkpoint does not see them there: name every variable explicitly.
+        # Keys are position + short name: paths hold auto-numbered names (`music_model_1`,
+        # `seed_generator_2`) that differ between models, and the dropout RNG states would
+        # all be `seed_generator_state` below their generator.
         checkpoint = tf.train.Checkpoint(
             model=model,
             optimizer=model.optimizer,
-            variables={v.path.split("/", 1)[-1]: v for v in model.variables},
+            variables={f"{i:03d}_{v.name}": v for i, v in enumerate(model.variables)},
         )
         directory = os.path.join(model_dir, CHECKPOINT_DIR)
         try:

@@ -31,6 +31,7 @@ SLICE_FLAGS = [
     "--hidden_size=16",
     "--embedding_size=16",
     "--num_layers=1",
+    "--dropout=0.2",  # its random state must be checkpointed too
     "--learning_rate=0.01",
     f"--checkpoint_every_steps={EVERY}",
 ]
