@@ -280,7 +280,8 @@ class AudioData:
         return self.plays.month.to_numpy(str)
 
 
-def _expand(patterns: str | Sequence[str]) -> list[str]:
+def expand(patterns: str | Sequence[str]) -> list[str]:
+    """The files named or matched (sorted) by each pattern; a pattern matching none is an error."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     paths = []
     for pattern in patterns:
@@ -338,7 +339,7 @@ def load(
       min_ms_played: plays shorter than this are skips (logs without msPlayed keep all).
       english_only: drop plays whose title has non-Latin letters (the report's cleaning).
     """
-    logs, tables = _expand(listening_log), _expand(features)
+    logs, tables = expand(listening_log), expand(features)
     plays = pd.concat([read_log(p, user) for p in logs], ignore_index=True)
     plays = plays.sort_values("time", kind="stable", ignore_index=True)
     plays["month"] = plays.time.dt.strftime("%Y-%m")

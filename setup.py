@@ -17,6 +17,9 @@ setup(
         "metrics",
         "tasks",
         "baselines",
+        "audio_reader",
+        "hitrate",
+        "audio_task",
     ],
     install_requires=[
         "tensorflow>=2.16",

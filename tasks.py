@@ -12,6 +12,7 @@ import keras
 import numpy as np
 from absl import logging
 
+import audio_task
 import baselines
 import cluster
 import config as config_lib
@@ -235,4 +236,4 @@ class NextSongTask:
         return path
 
 
-TASKS = {"next_song": NextSongTask()}
+TASKS = {"next_song": NextSongTask(), "audio_features": audio_task.AudioFeaturesTask()}

@@ -1,0 +1,200 @@
+"""The GRU report's audio-feature recommender (`--task=audio_features`): train and evaluate.
+
+Training is the report's monthly dynamic training, month after month in time order: month k's
+training windows (its first 80 % of plays, plus seeded samples of month k-1's test and train
+windows, `audio_reader.dynamic_train`) go through the shared `modeltrainer.Trainer`, one call per
+month with its own directory `model_dir/months/<YYYY-MM>/` (checkpoints, TensorBoard, model.keras).
+The model carries over: month k starts from the weights month k-1 ended with (and a fresh Adam),
+which is what the replayed samples of month k-1 are for; one model object serves all months, so
+its XLA train step is compiled once. Rerunning after an interrupt skips the
+finished months (their checkpoints say so) and resumes the interrupted one.
+
+Evaluation predicts each month's test windows with that month's model and scores them with the
+report's hit-rate protocol and baselines (`hitrate.evaluate`), writing `hit_rate.json`, the chart
+`hit_rate.png` (window protocol) and `hit_rate_open_catalog.png`, and the same charts and
+per-month scalars to TensorBoard (`model_dir/tensorboard/eval`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+import audio_reader
+import config as config_lib
+import hitrate
+import hooks
+import modeltrainer
+import musicmodel
+
+MONTHS_DIR = "months"
+PROTOCOLS = ("window", "open_catalog")
+CHARTS = {"window": "hit_rate.png", "open_catalog": "hit_rate_open_catalog.png"}
+
+
+def load_data(
+    config: config_lib.Config,
+) -> tuple[audio_reader.AudioData, list[audio_reader.MonthSplit], np.ndarray]:
+    """Plays (summary logged), monthly splits and z-scored features float32 [plays, 11].
+
+    Raises:
+      DataError: unreadable files, nothing joins, or no month's test part holds one window.
+    """
+    data = audio_reader.load(
+        config.paths("listening_log"),
+        config.paths("features"),
+        user=config.user or None,
+        min_ms_played=config.min_ms_played,
+        english_only=config.english_only,
+    )
+    splits = audio_reader.split_months(data.months)
+    audio_reader.check_windows(data, splits, config.seq_len, config.pred_steps)
+    z, _, _ = audio_reader.standardize(data.features, splits, config.standardize)
+    return data, splits, z
+
+
+def month_dir(config: config_lib.Config, month: str) -> str:
+    return os.path.join(config.model_dir, MONTHS_DIR, month)
+
+
+def schedule(x: np.ndarray, y: np.ndarray, batch_size: int, num_epochs: int, step: int):
+    """The training batches from global step `step` on: every epoch in time order (as the report;
+    the windows nearest the month's test come last), `num_epochs` times.
+
+    Args:
+      x: float32 [N, seq_len, F]; y: float32 [N, pred_steps, F].
+    """
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat(num_epochs)
+    return dataset.skip(step)
+
+
+class AudioFeaturesTask:
+    """Audio-feature regression with a GRU, recommendations by nearest feature vectors."""
+
+    name = "audio_features"
+
+    def _build(self, config: config_lib.Config, num_features: int) -> keras.Model:
+        return musicmodel.build_audio_model(
+            num_features=num_features,
+            seq_len=config.seq_len,
+            pred_steps=config.pred_steps,
+            cell=config.cell,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            dropout=config.dropout,
+            learning_rate=config.learning_rate,
+            max_grad_norm=config.max_grad_norm,
+            loss=config.loss,
+        )
+
+    def train(self, config: config_lib.Config) -> None:
+        keras.utils.set_random_seed(config.seed)
+        data, splits, z = load_data(config)
+        dynamic = audio_reader.dynamic_train(splits, config.seq_len, config.pred_steps, config.seed)
+        config_lib.make_model_dir(config.model_dir)
+        files = audio_reader.expand(config.paths("listening_log"))
+        files += audio_reader.expand(config.paths("features"))
+        windows = {s.month: len(w) for s, w in zip(splits, dynamic, strict=True)}
+        extra = {"plays": len(data.songs), "songs": len(data.names), "train_windows": windows}
+        config_lib.write_run_config(config, files, extra)
+        model = self._build(config, z.shape[1])
+        fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
+        for split, index in zip(splits, dynamic, strict=True):
+            model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
+            x, y = audio_reader.to_arrays(z, index, config.seq_len)
+            trainer = modeltrainer.Trainer(
+                model,
+                month_dir(config, split.month),
+                num_epochs=config.num_epochs,
+                steps_per_epoch=math.ceil(len(x) / config.batch_size),
+                checkpoint_every_steps=config.checkpoint_every_steps,
+            )
+            if not len(x):
+                logging.warning("month %s: no training window; model unchanged", split.month)
+                trainer.save()
+                continue
+            logging.info("month %s: %d training windows", split.month, len(x))
+            trainer.train(
+                lambda step, x=x, y=y: schedule(x, y, config.batch_size, config.num_epochs, step),
+                [hooks.ProgressHook()],
+            )
+
+    def _load(self, config: config_lib.Config, month: str, num_features: int) -> keras.Model:
+        """Month `month`'s saved model, checked against the flags."""
+        model = modeltrainer.load_model(month_dir(config, month))
+        shape = (model.seq_len, model.pred_steps, model.num_features)
+        if shape != (config.seq_len, config.pred_steps, num_features):
+            raise config_lib.ConfigError(
+                f"--model_dir={config.model_dir}: the models read {model.seq_len} and predict "
+                f"{model.pred_steps} vectors of {model.num_features} features; give the "
+                f"--seq_len and --pred_steps they were trained with"
+            )
+        return model
+
+    def evaluate(self, config: config_lib.Config) -> dict:
+        data, splits, z = load_data(config)
+        width = config.seq_len + config.pred_steps
+        months = iter([s.month for s in splits if len(s.test) >= width])
+
+        def predict(x: np.ndarray) -> np.ndarray:
+            model = self._load(config, next(months), z.shape[1])
+            return keras.ops.convert_to_numpy(model(x))
+
+        results = hitrate.evaluate(
+            [(s.month, s.test) for s in splits],
+            data.songs,
+            z,
+            predict,
+            seq_len=config.seq_len,
+            pred_steps=config.pred_steps,
+            bar=config.bar,
+            k=config.pred_steps,
+        )
+        payload = {
+            "task": self.name,
+            "plays": len(data.songs),
+            "songs": len(data.names),
+            "seq_len": config.seq_len,
+            "pred_steps": config.pred_steps,
+            "bar": config.bar,
+            "k": config.pred_steps,
+            **results,
+        }
+        for protocol in PROTOCOLS:
+            print(hitrate.format_table(results, protocol))
+            hitrate.plot_hit_rate(
+                results,
+                os.path.join(config.model_dir, CHARTS[protocol]),
+                protocol,
+                f"{os.path.basename(os.path.normpath(config.model_dir))}: hit rate ({protocol})",
+            )
+        write_summaries(
+            os.path.join(config.model_dir, modeltrainer.TENSORBOARD_DIR, "eval"),
+            results,
+            {p: os.path.join(config.model_dir, CHARTS[p]) for p in PROTOCOLS},
+        )
+        path = os.path.join(config.model_dir, "hit_rate.json")
+        config_lib.write_json_atomic(path, payload)
+        logging.info("wrote %s", path)
+        return payload
+
+
+def write_summaries(log_dir: str, results: dict, charts: dict[str, str]) -> None:
+    """TensorBoard: per-month hit rates of every method as scalars `<protocol>/<method>` (step =
+    month index), the month labels as text, and each protocol's chart (a PNG path) as an image."""
+    with tf.summary.create_file_writer(log_dir).as_default():
+        for protocol in PROTOCOLS:
+            for method, summary in results[protocol].items():
+                for step, row in enumerate(summary["months"].values()):
+                    tf.summary.scalar(f"{protocol}/{method}", row["hit_rate"], step=step)
+            months = list(results[protocol]["ceiling"]["months"])
+            text = "\n".join(f"{i}: {m}" for i, m in enumerate(months))
+            tf.summary.text(f"{protocol}/months", text, step=0)
+            with open(charts[protocol], "rb") as f:
+                image = tf.image.decode_png(f.read(), channels=4)
+            tf.summary.image(f"{protocol}/chart", image[None], step=0)
