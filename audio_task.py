@@ -113,6 +113,7 @@ class AudioFeaturesTask:
                 num_epochs=config.num_epochs,
                 steps_per_epoch=math.ceil(len(x) / config.batch_size),
                 checkpoint_every_steps=config.checkpoint_every_steps,
+                perplexity=False,
             )
             if not len(x):
                 logging.warning("month %s: no training window; model unchanged", split.month)

@@ -39,11 +39,18 @@ class LossHook(keras.callbacks.Callback):
       discard_from: called with step `s - 1` when the loss of step `s` is not finite (the weights
         saved after step `s - 1` gave that loss); drops those checkpoints and returns the newest
         one left, if any.
+      perplexity: the loss is a cross-entropy in nats, so exp(loss) is the perplexity (False for
+        regression losses).
     """
 
-    def __init__(self, discard_from: Callable[[int], str | None] = lambda step: None):
+    def __init__(
+        self,
+        discard_from: Callable[[int], str | None] = lambda step: None,
+        perplexity: bool = True,
+    ):
         super().__init__()
         self._discard_from = discard_from
+        self._perplexity = perplexity
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         loss = float((logs or {}).get("loss", 0.0))
@@ -57,6 +64,9 @@ class LossHook(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None or "loss" not in logs:
+            return
+        if not self._perplexity:
+            logging.info("epoch %d: train loss %.4f", epoch + 1, logs["loss"])
             return
         # float32 like the metrics: a diverged loss gives inf, which TensorBoard can log.
         logs["perplexity"] = float(keras.ops.exp(float(logs["loss"])))

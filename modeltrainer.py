@@ -41,6 +41,7 @@ class Trainer:
         multi-worker strategy only the chief writes there; the other workers restore from it but
         write to a temporary directory (`cluster.write_dir`) that they delete at the end.
       checkpoint_every_steps: also checkpoint every N steps (0: only at epoch ends).
+      perplexity: log exp(loss) as the perplexity (the loss is a cross-entropy in nats).
     """
 
     def __init__(
@@ -52,8 +53,10 @@ class Trainer:
         steps_per_epoch: int,
         checkpoint_every_steps: int = 0,
         model_file: str = MODEL_FILE,
+        perplexity: bool = True,
     ):
         self.model = model
+        self.perplexity = perplexity
         self.model_dir = model_dir
         self.num_epochs = num_epochs
         self.steps_per_epoch = steps_per_epoch
@@ -150,7 +153,7 @@ class Trainer:
             verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
         all_callbacks = [
-            hooks.LossHook(self.discard_from),
+            hooks.LossHook(self.discard_from, self.perplexity),
             *callbacks,
             hooks.CheckpointHook(self.saver, self.checkpoint_every_steps),
             keras.callbacks.TensorBoard(
