@@ -8,6 +8,7 @@ reported before that import. Fixtures are tiny Yes.com directories written in `t
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pathlib
@@ -18,6 +19,7 @@ import sys
 import keras
 import pytest
 
+import audio_reader
 import modeltrainer
 import yes_reader
 from conftest import ROOT, write_yes_dir
@@ -293,3 +295,60 @@ def test_model_with_python_code_is_refused_unrun(tmp_path):
     with pytest.raises(modeltrainer.ModelError, match="model.keras: cannot load the model"):
         modeltrainer.load_model(str(tmp_path))
     assert not marker.exists()
+
+
+# 17: the audio-feature mode's listening log and feature table.
+
+FEATURE_HEADER = "artistName,trackName,trackID," + ",".join(audio_reader.FEATURES)
+FEATURE_ROW = "0.5,0.6,1,-5.0,1,0.05,0.1,0.0,0.1,0.4,120.0"  # 11 valid features
+GOOD_TABLE = [FEATURE_HEADER, f"A,Song1,id1,{FEATURE_ROW}", f"B,Song2,id2,{FEATURE_ROW}"]
+GOOD_LOG = [("2023-03-01 10:00", "A", "Song1"), ("2023-03-02 10:00", "B", "Song2")]
+
+
+@pytest.mark.parametrize(
+    "table, log, where, message",
+    [
+        (
+            [FEATURE_HEADER.replace(",tempo", ""), f"A,Song1,id1,{FEATURE_ROW.rsplit(',', 1)[0]}"],
+            GOOD_LOG,
+            "t.csv:1",
+            "missing column(s) tempo",
+        ),
+        (
+            [*GOOD_TABLE, "C,Song3,id3,0.5,nan" + ",1" * 9],
+            GOOD_LOG,
+            "t.csv:4",
+            "energy='nan' is not a finite number",
+        ),
+        (
+            [FEATURE_HEADER, f"A,Song1,id1,{FEATURE_ROW.replace('120.0', 'fast')}"],
+            GOOD_LOG,
+            "t.csv:2",
+            "tempo='fast' is not a finite number",
+        ),
+        (
+            GOOD_TABLE,
+            [GOOD_LOG[0], ("01/03/2023 25:00", "B", "Song2")],
+            "log.json:8",  # json.dumps(indent=2): play k starts on line 2 + 6k
+            "cannot parse timestamp '01/03/2023 25:00'",
+        ),
+        (GOOD_TABLE, [("2023-03-01 10:00", "X", "Nope")], "log.json:2", "none of the 1 plays"),
+    ],
+    ids=["missing_column", "nan_feature", "text_feature", "bad_timestamp", "no_join"],
+)
+def test_audio_features_bad_input(tmp_path, table, log, where, message):
+    """`table`: feature CSV lines (header first); `log`: (endTime, artist, title) plays."""
+    (tmp_path / "t.csv").write_text("\n".join(table) + "\n")
+    plays = [{"endTime": t, "artistName": a, "trackName": s, "msPlayed": 60_000} for t, a, s in log]
+    (tmp_path / "log.json").write_text(json.dumps(plays, indent=2))
+    model_dir = tmp_path / "out"
+    line = error_line(
+        deepcf(
+            "--task=audio_features",
+            f"--listening_log={tmp_path / 'log.json'}",
+            f"--features={tmp_path / 't.csv'}",
+            f"--model_dir={model_dir}",
+        )
+    )
+    assert f"{tmp_path / where}: {message}" in line
+    assert not model_dir.exists()
