@@ -17,6 +17,7 @@ per-month scalars to TensorBoard (`model_dir/tensorboard/eval`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -42,6 +43,9 @@ def load_data(
 ) -> tuple[audio_reader.AudioData, list[audio_reader.MonthSplit], np.ndarray]:
     """Plays (summary logged), monthly splits and z-scored features float32 [plays, 11].
 
+    With `--holdout=validation` the test plays are gone and each month's training plays are split
+    80/20 again (train, validation), so settings can be chosen without the test plays.
+
     Raises:
       DataError: unreadable files, nothing joins, or no month's test part holds one window.
     """
@@ -53,6 +57,15 @@ def load_data(
         english_only=config.english_only,
     )
     splits = audio_reader.split_months(data.months)
+    if config.holdout == "validation":  # only the training plays, each month split 80/20 again
+        keep = np.concatenate([s.train for s in splits])
+        data = dataclasses.replace(
+            data,
+            plays=data.plays.iloc[keep].reset_index(drop=True),
+            songs=data.songs[keep],
+            features=data.features[keep],
+        )
+        splits = audio_reader.split_months(data.months)
     audio_reader.check_windows(data, splits, config.seq_len, config.pred_steps)
     z, _, _ = audio_reader.standardize(data.features, splits, config.standardize)
     return data, splits, z

@@ -21,6 +21,7 @@ CELLS = ("lstm", "gru")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
 AUDIO_LOSSES = ("mse", "smooth_l1")
 STANDARDIZE = ("train", "global")
+HOLDOUTS = ("test", "validation")
 LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
 _HARRY = "data/harry2687-spotify-2023"
 # Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
@@ -181,6 +182,13 @@ class Config:
     )
     bar: int = _field(
         20, "audio", "Hit rate: the candidate window grows to the BAR most recent test plays."
+    )
+    holdout: str = _field(
+        "test",
+        "audio",
+        "test: score each month's last 20 %; validation: leave those plays out and split each "
+        "month's training plays 80/20 again, to choose settings without the test plays.",
+        choices=HOLDOUTS,
     )
 
     def __post_init__(self) -> None:
