@@ -75,15 +75,16 @@ def month_dir(config: config_lib.Config, month: str) -> str:
     return os.path.join(config.model_dir, MONTHS_DIR, month)
 
 
-def schedule(x: np.ndarray, y: np.ndarray, batch_size: int, num_epochs: int, step: int):
-    """The training batches from global step `step` on: every epoch in time order (as the report;
-    the windows nearest the month's test come last), `num_epochs` times.
+def schedule(x: np.ndarray, y: np.ndarray, batch_size: int, step: int) -> tf.data.Dataset:
+    """The training batches from global step `step` on: the windows in time order (as the report,
+    so the windows nearest the month's test come last), over and over. Batches run on across the
+    end of the windows, so every batch is full and the XLA train step is compiled once.
 
     Args:
-      x: float32 [N, seq_len, F]; y: float32 [N, pred_steps, F].
+      x: float32 [N, seq_len, F], N >= 1; y: float32 [N, pred_steps, F].
     """
-    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat(num_epochs)
-    return dataset.skip(step)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat()
+    return dataset.batch(batch_size, drop_remainder=True).skip(step)
 
 
 class AudioFeaturesTask:
@@ -134,7 +135,7 @@ class AudioFeaturesTask:
                 continue
             logging.info("month %s: %d training windows", split.month, len(x))
             trainer.train(
-                lambda step, x=x, y=y: schedule(x, y, config.batch_size, config.num_epochs, step),
+                lambda step, x=x, y=y: schedule(x, y, config.batch_size, step),
                 [hooks.ProgressHook()],
             )
 

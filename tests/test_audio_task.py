@@ -74,6 +74,14 @@ def test_loss_choice(loss, expected):
     assert float(model.loss(np.zeros_like(y_pred), y_pred)) == pytest.approx(expected)
 
 
+def test_schedule_runs_over_the_windows_in_full_batches_from_any_step():
+    x = np.arange(5, dtype=np.float32).reshape(5, 1, 1)  # windows 0..4; y = 10 * x
+    batches = audio_task.schedule(x, 10 * x, batch_size=2, step=3).take(3)
+    # steps 0, 1, 2 are [0 1] [2 3] [4 0]; from step 3: [1 2] [3 4] [0 1]
+    got = [(bx.numpy().ravel().tolist(), by.numpy().ravel().tolist()) for bx, by in batches]
+    assert got == [([1, 2], [10, 20]), ([3, 4], [30, 40]), ([0, 1], [0, 10])]
+
+
 def test_task_defaults_are_the_reports_and_given_flags_win(monkeypatch):
     monkeypatch.chdir(ROOT)  # the default data paths are relative to the checkout
     audio = config_lib.make_config({"task": "audio_features"})
