@@ -35,6 +35,8 @@ import musicmodel
 
 MONTHS_DIR = "months"
 PROTOCOLS = ("window", "open_catalog")
+MODEL_FLAGS = ("seq_len", "pred_steps", "cell", "num_layers", "hidden_size", "dropout")
+MODEL_FLAGS += ("learning_rate", "max_grad_norm", "loss")
 CHARTS = {"window": "hit_rate.png", "open_catalog": "hit_rate_open_catalog.png"}
 
 
@@ -93,18 +95,9 @@ class AudioFeaturesTask:
     name = "audio_features"
 
     def _build(self, config: config_lib.Config, num_features: int) -> keras.Model:
-        return musicmodel.build_audio_model(
-            num_features=num_features,
-            seq_len=config.seq_len,
-            pred_steps=config.pred_steps,
-            cell=config.cell,
-            num_layers=config.num_layers,
-            hidden_size=config.hidden_size,
-            dropout=config.dropout,
-            learning_rate=config.learning_rate,
-            max_grad_norm=config.max_grad_norm,
-            loss=config.loss,
-        )
+        """A compiled `AudioFeatureModel`; its arguments are the flags of the same names."""
+        args = {name: getattr(config, name) for name in MODEL_FLAGS}
+        return musicmodel.build_audio_model(num_features=num_features, **args)
 
     def train(self, config: config_lib.Config) -> None:
         keras.utils.set_random_seed(config.seed)

@@ -273,29 +273,16 @@ class AudioFeatureModel(keras.Model):
 
 def build_audio_model(
     *,
-    num_features: int,
-    seq_len: int,
-    pred_steps: int,
-    cell: str,
-    num_layers: int,
-    hidden_size: int,
-    dropout: float,
     learning_rate: float,
     max_grad_norm: float,
     loss: str,
+    jit_compile: bool = True,
+    **model_args,
 ) -> AudioFeatureModel:
-    """A built `AudioFeatureModel`, compiled with Adam and the `AUDIO_LOSSES[loss]` loss."""
-    model = AudioFeatureModel(
-        num_features=num_features,
-        seq_len=seq_len,
-        pred_steps=pred_steps,
-        cell=cell,
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        dropout=dropout,
-    )
+    """A built `AudioFeatureModel(**model_args)`, compiled with Adam and `AUDIO_LOSSES[loss]`."""
+    model = AudioFeatureModel(**model_args)
     model.build()
-    compile_model(model, learning_rate, max_grad_norm, AUDIO_LOSSES[loss](), jit_compile=True)
+    compile_model(model, learning_rate, max_grad_norm, AUDIO_LOSSES[loss](), jit_compile)
     return model
 
 
