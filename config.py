@@ -18,6 +18,7 @@ from typing import Any
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
+SOFTMAXES = ("full", "sampled")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
 AUDIO_LOSSES = ("mse", "smooth_l1")
 STANDARDIZE = ("train", "global")
@@ -91,6 +92,17 @@ class Config:
     learning_rate: float = _field(1e-3, "training", "Adam learning rate.")
     max_grad_norm: float = _field(5.0, "training", "Clip gradients to this global norm (UCL: 5).")
     num_epochs: int = _field(10, "training", "Passes over the training playlists.")
+    softmax: str = _field(
+        "full",
+        "training",
+        "Training loss over the catalog: full softmax, or sampled (--num_sampled negatives per "
+        "window, drawn by training popularity, logQ-corrected); evaluation scores all songs.",
+        choices=SOFTMAXES,
+    )
+    num_sampled: int = _field(1024, "training", "Negatives per window with --softmax=sampled.")
+    jit_compile: bool = _field(
+        True, "training", "XLA-compile the training step (same loss, faster on CPU)."
+    )
     loss_weighting: str = _field(
         "window",
         "training",
@@ -201,6 +213,7 @@ class Config:
                 raise ConfigError(f"--{f.name}={value}: must be a finite number")
         positive = ("num_layers", "embedding_size", "hidden_size", "batch_size", "num_steps")
         positive += ("learning_rate", "max_grad_norm", "num_epochs", "seq_len", "pred_steps", "bar")
+        positive += ("num_sampled",)
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be > 0")

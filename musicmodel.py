@@ -11,9 +11,11 @@ in rows whose `reset` flag is set (a new playlist starts there), which start fro
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+import config as config_lib
 import metrics
 import yes_reader
 
@@ -66,6 +68,9 @@ def masked_cross_entropy(targets, logits, weights, total_weight=None):
     return per_event, mean
 
 
+EVAL_CHUNK = 256  # events scored at once in evaluation: 256 x 9,775 logits = 10 MB
+
+
 @keras.saving.register_keras_serializable(package="deepcf")
 class MusicModel(keras.Model):
     """Next-song model with per-row carried state.
@@ -77,6 +82,9 @@ class MusicModel(keras.Model):
     `loss_weighting="window"` trains on the mean cross-entropy of each window's real events;
     `"event"` on their sum / (batch x time), so every event of an epoch weighs the same (a window
     of few real events, e.g. the tail of a batch, no longer counts as much as a full one).
+    `softmax="sampled"` trains on the target against `num_sampled` negatives per window, drawn in
+    the graph with probability Q ∝ `song_counts` + 1 and corrected by -log Q; evaluation and
+    serving always score the full catalog, so neither setting is saved with the model.
     """
 
     def __init__(
@@ -91,6 +99,9 @@ class MusicModel(keras.Model):
         batch_size: int = 100,
         tie_embeddings: bool = False,
         loss_weighting: str = "window",
+        softmax: str = "full",
+        num_sampled: int = 1024,
+        song_counts: np.ndarray | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -98,6 +109,16 @@ class MusicModel(keras.Model):
         self.embedding_size, self.hidden_size = embedding_size, hidden_size
         self.dropout_rate, self.batch_size = dropout, batch_size
         self.tie_embeddings, self.loss_weighting = tie_embeddings, loss_weighting
+        self.softmax, self.num_sampled, self.sampler = softmax, num_sampled, None
+        if softmax == "sampled":
+            if not 0 < num_sampled < num_songs:
+                raise config_lib.ConfigError(
+                    f"--num_sampled={num_sampled}: must be in 1..{num_songs - 1} "
+                    f"(the catalog has {num_songs} songs)"
+                )
+            self.sampler = SongSampler(num_songs if song_counts is None else song_counts)
+        elif softmax != "full":
+            raise config_lib.ConfigError(f"--softmax={softmax!r}: must be full or sampled")
         self.embedding = layers.Embedding(num_songs + 1, embedding_size, name="song_embedding")
         self.drop = layers.Dropout(dropout)
         self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
@@ -150,17 +171,32 @@ class MusicModel(keras.Model):
         """All-zero initial state for `batch` rows."""
         return [[ops.zeros((batch, self.hidden_size)) for _ in layer] for layer in self.carried]
 
-    def forward(self, tokens, states: list, training: bool = False):
-        """Pure forward pass: (logits [batch, time, songs], final states)."""
+    def features(self, tokens, states: list, training: bool = False):
+        """(queries [batch, time, dims], final states); logits = queries @ kernel + bias."""
         x = self.drop(self.embedding(tokens), training=training)
         x, finals = run_stack(self.rnns, x, states, training=training)
-        x = self.head(self.drop(x, training=training))
-        if self.tie_embeddings:
-            songs = self.embedding.embeddings[1:]  # row s + 1 embeds song s; row 0 is padding
-            x = ops.matmul(x, ops.transpose(songs)) + self.output_bias
-        return x, finals
+        x = self.drop(x, training=training)
+        return (self.head(x) if self.tie_embeddings else x), finals
 
-    def call(self, inputs, training: bool = False):
+    def output_layer(self) -> tuple:
+        """(kernel float32 [dims, songs], bias float32 [songs]) that score the queries."""
+        if self.tie_embeddings:  # row s + 1 embeds song s; row 0 is padding
+            return ops.transpose(self.embedding.embeddings[1:]), self.output_bias
+        return self.head.kernel, self.head.bias
+
+    def scores(self, queries):
+        """Logits float32 [..., songs] of `features` queries [..., dims]."""
+        if self.tie_embeddings:
+            kernel, bias = self.output_layer()
+            return ops.matmul(queries, kernel) + bias
+        return self.head(queries)
+
+    def forward(self, tokens, states: list, training: bool = False):
+        """Pure forward pass: (logits [batch, time, songs], final states)."""
+        queries, finals = self.features(tokens, states, training=training)
+        return self.scores(queries), finals
+
+    def call(self, inputs, training: bool = False, queries: bool = False):
         """Runs a window from the carried state and carries its final state to the next window.
 
         Under a `tf.distribute` strategy with R replicas, replica r gets rows
@@ -178,7 +214,7 @@ class MusicModel(keras.Model):
             first = replica.replica_id_in_sync_group * rows
             carried = [[v[first : first + rows] for v in layer] for layer in self.carried]
         states = [[ops.where(keep, v, 0.0) for v in layer] for layer in carried]
-        logits, finals = self.forward(tokens, states, training=training)
+        logits, finals = (self.features if queries else self.forward)(tokens, states, training)
         for layer_vars, layer_finals in zip(self.carried, finals, strict=True):
             for var, value in zip(layer_vars, layer_finals, strict=True):
                 var.assign(value if replicas == 1 else replica.all_gather(value, axis=0))
@@ -197,20 +233,138 @@ class MusicModel(keras.Model):
         else:  # the mean over the real events of the window
             count = replica.all_reduce("sum", ops.sum(weights))
         with tf.GradientTape() as tape:
-            logits = self((tokens, reset), training=True)
+            if self.sampler is None:
+                logits = self((tokens, reset), training=True)
+            else:  # column 0: the target, then the negatives
+                logits, targets = self.sampled_logits(tokens, reset, targets)
             per_event, loss = masked_cross_entropy(targets, logits, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)
         return {"loss": self.loss_tracker.result()}
 
+    def sampled_logits(self, tokens, reset, targets):
+        """Corrected logits of the target and of `num_sampled` negatives shared by the window.
+
+        Returns:
+          (float32 [batch, time, 1 + num_sampled] with the target in column 0, int32 zeros
+          [batch, time]: the target's column). Negatives change every step (seed = step).
+        """
+        queries = self((tokens, reset), training=True, queries=True)
+        step = ops.cast(self.optimizer.iterations, "int32")
+        sampled = self.sampler.draw(self.num_sampled, ops.stack([step, 0]))
+        kernel, bias = self.output_layer()
+        logits = sampled_softmax_logits(queries, targets, kernel, bias, sampled, self.sampler.log_q)
+        return logits, ops.zeros_like(targets)
+
+    def make_test_function(self, force: bool = False):
+        """Evaluation is never XLA-compiled: its loop over real events has a dynamic trip count."""
+        jit_compile, self.jit_compile = self.jit_compile, False
+        try:
+            return super().make_test_function(force)
+        finally:
+            self.jit_compile = jit_compile
+
     def test_step(self, data):
+        """Full-catalog metrics of the real events only, `EVAL_CHUNK` events at a time.
+
+        Real events are moved to the front and scored in fixed-size chunks until none is left, so
+        padding (often most of a test window) costs no logits, and shapes stay static for XLA.
+        """
         (tokens, reset), targets, weights = data
-        logits = self((tokens, reset), training=False)
-        log_probs = -ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-        ranks = metrics.pessimistic_ranks(logits, targets)
-        self.ranking.update_state(ranks, log_probs, sample_weight=weights)
+        queries = self((tokens, reset), training=False, queries=True)
+        size = tf.size(weights)
+        padded = (size + EVAL_CHUNK - 1) // EVAL_CHUNK * EVAL_CHUNK
+        order = tf.argsort(tf.reshape(weights, [-1]), direction="DESCENDING", stable=True)
+        order = tf.pad(order, [[0, padded - size]], constant_values=size)  # a zero-weight row
+        queries = tf.pad(tf.reshape(queries, [size, -1]), [[0, 1], [0, 0]])
+        targets = tf.pad(tf.reshape(targets, [-1]), [[0, 1]])
+        weights = tf.pad(tf.reshape(weights, [-1]), [[0, 1]])
+        real = tf.reduce_sum(tf.cast(weights > 0, tf.int32))
+
+        def score_chunk(start):
+            rows = order[start : start + EVAL_CHUNK]
+            logits = self.scores(tf.gather(queries, rows))
+            chunk_targets = tf.gather(targets, rows)
+            log_probs = -ops.sparse_categorical_crossentropy(
+                chunk_targets, logits, from_logits=True
+            )
+            ranks = metrics.pessimistic_ranks(logits, chunk_targets)
+            self.ranking.update_state(ranks, log_probs, sample_weight=tf.gather(weights, rows))
+            return start + EVAL_CHUNK
+
+        tf.while_loop(lambda start: start < real, score_chunk, [tf.constant(0)])
         return self.ranking.result()
+
+
+def alias_table(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table (Vose's construction) for drawing from `probs` in O(1).
+
+    Draw a column i uniformly, keep it with probability `accept[i]`, else take `alias[i]`.
+
+    Args:
+      probs: float [n], non-negative, summing to 1.
+
+    Returns:
+      (accept float64 [n], alias int64 [n]).
+    """
+    n = len(probs)
+    scaled = np.asarray(probs, np.float64) * n
+    accept, alias = np.ones(n), np.arange(n)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        low, high = small.pop(), large.pop()
+        accept[low], alias[low] = scaled[low], high
+        scaled[high] -= 1.0 - scaled[low]
+        (small if scaled[high] < 1.0 else large).append(high)
+    return accept, alias  # columns left over hold probability 1 up to rounding
+
+
+class SongSampler:
+    """Draws songs in the graph (XLA-friendly) with probability Q(s) ∝ count(s) + 1.
+
+    Args:
+      counts: int [songs], how often each song is a training target; or the catalog size for a
+        uniform Q.
+    """
+
+    def __init__(self, counts: np.ndarray | int):
+        counts = np.zeros(counts) if np.ndim(counts) == 0 else np.asarray(counts, np.float64)
+        probs = (counts + 1.0) / (counts.sum() + len(counts))
+        accept, alias = alias_table(probs)
+        self.num_songs = len(probs)
+        self.accept = tf.constant(accept, tf.float32)
+        self.alias = tf.constant(alias, tf.int32)
+        self.log_q = tf.constant(np.log(probs), tf.float32)
+
+    def draw(self, num: int, seed) -> tf.Tensor:
+        """int32 [num] song ids drawn with replacement; `seed`: int32 [2] (stateless)."""
+        uniform = tf.random.stateless_uniform([2, num], seed)
+        column = tf.minimum(tf.cast(uniform[0] * self.num_songs, tf.int32), self.num_songs - 1)
+        keep = uniform[1] < tf.gather(self.accept, column)
+        return tf.where(keep, column, tf.gather(self.alias, column))
+
+
+def sampled_softmax_logits(queries, targets, kernel, bias, sampled, log_q):
+    """Logits of [target, sampled negatives] minus log Q (Jean et al. 2015; TFRS logQ correction).
+
+    Args:
+      queries: float32 [..., dims]; targets: int32 [...] song ids.
+      kernel: float32 [dims, songs]; bias: float32 [songs].
+      sampled: int32 [num_sampled] song ids; log_q: float32 [songs], log sampling probabilities.
+
+    Returns:
+      float32 [..., 1 + num_sampled], column 0 the target; a negative that is the target itself
+      gets -1e9 (removed), so the cross-entropy with label 0 is the sampled softmax loss.
+    """
+    corrected = bias - log_q
+    true_vectors = ops.take(ops.transpose(kernel), targets, axis=0)  # [..., dims]
+    true_logit = ops.sum(queries * true_vectors, axis=-1) + ops.take(corrected, targets)
+    negatives = ops.matmul(queries, ops.take(kernel, sampled, axis=1))
+    negatives = negatives + ops.take(corrected, sampled)
+    negatives = ops.where(ops.expand_dims(targets, -1) == sampled, -1e9, negatives)
+    return ops.concatenate([ops.expand_dims(true_logit, -1), negatives], axis=-1)
 
 
 AUDIO_LOSSES = {  # --loss; Huber with delta 1 is PyTorch's SmoothL1Loss (beta 1)
@@ -291,8 +445,8 @@ def serving_function(
 ) -> tf.types.experimental.GenericFunction:
     """The next `top_k` songs after each history, as a `tf.function` with a fixed signature.
 
-    The whole history runs through `model.forward` from a zero state (no carried variables are
-    read or written) and the logits after its last song are ranked.
+    The whole history runs through `model.features` from a zero state (no carried variables are
+    read or written) and only the output after its last song is scored and ranked.
 
     Args of the returned function:
       history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
@@ -325,8 +479,9 @@ def serving_function(
         ]
         with tf.control_dependencies(checks):
             tokens = tf.where(valid, history + 1, yes_reader.PAD_ID)
-        logits, _ = model.forward(tokens, model.zero_state(tf.shape(tokens)[0]))
-        probs = tf.nn.softmax(tf.gather(logits, length - 1, batch_dims=1))  # [batch, songs]
+        queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
+        last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
+        probs = tf.nn.softmax(model.scores(last))  # [batch, songs]
         ranked = probs
         if exclude_history:
             rows = tf.cast(tf.where(valid)[:, 0], tf.int32)
@@ -336,6 +491,50 @@ def serving_function(
         return {"song_ids": song_ids, "scores": scores}
 
     return recommend
+
+
+def step_function(model: MusicModel, top_k: int) -> tf.types.experimental.GenericFunction:
+    """Incremental scoring: the next `top_k` songs after one more song, from the carried state.
+
+    A client keeps the returned `state` of a history and sends only the song the user adds, so a
+    request costs one time step instead of the whole history.
+
+    Args of the returned function:
+      song: int32 [batch, 1], the added song id (0-based, as in song_hash.txt).
+      state: float32 [num_layers, parts, batch, hidden_size] (parts: LSTM h, c; GRU h), the state
+        after the history so far: zeros for an empty history, else the `state` last returned.
+
+    Returns of the returned function:
+      {"song_ids": int32 [batch, top_k] best first, "scores": float32 [batch, top_k] next-song
+      probabilities, "state": the new state, same shape as `state`}.
+    """
+    parts = 2 if model.cell == "lstm" else 1
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 1], tf.int32, name="song"),
+            tf.TensorSpec([model.num_layers, parts, None, model.hidden_size], tf.float32, "state"),
+        ]
+    )
+    def step(song, state):
+        checks = [
+            tf.debugging.assert_non_negative(song, message="song ids must be >= 0"),
+            tf.debugging.assert_less(
+                song, model.num_songs, message="a song id is not in the catalog"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = song + 1
+        states = [tf.unstack(layer) for layer in tf.unstack(state)]
+        logits, finals = model.forward(tokens, states)
+        scores, song_ids = tf.math.top_k(tf.nn.softmax(logits[:, -1]), top_k)
+        return {
+            "song_ids": song_ids,
+            "scores": scores,
+            "state": tf.stack([tf.stack(f) for f in finals]),
+        }
+
+    return step
 
 
 def build_model(
@@ -351,8 +550,12 @@ def build_model(
     max_grad_norm: float,
     tie_embeddings: bool = False,
     loss_weighting: str = "window",
+    softmax: str = "full",
+    num_sampled: int = 1024,
+    song_counts: np.ndarray | None = None,
+    jit_compile: bool = False,
 ) -> MusicModel:
-    """A built and compiled `MusicModel` (Adam, clipping by global norm)."""
+    """A built and compiled `MusicModel` (Adam, clipping by global norm; XLA if `jit_compile`)."""
     model = MusicModel(
         num_songs=num_songs,
         cell=cell,
@@ -363,9 +566,18 @@ def build_model(
         batch_size=batch_size,
         tie_embeddings=tie_embeddings,
         loss_weighting=loss_weighting,
+        softmax=softmax,
+        num_sampled=num_sampled,
+        song_counts=song_counts,
     )
     model.build()
-    compile_model(model, learning_rate, max_grad_norm)
+    # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
+    compile_model(
+        model,
+        learning_rate,
+        max_grad_norm,
+        jit_compile=jit_compile and not tf.distribute.has_strategy(),
+    )
     return model
 
 

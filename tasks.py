@@ -144,9 +144,10 @@ class NextSongTask:
                 data_files,
                 {"num_songs": data.catalog.size, "train_events": windows.events},
             )
+        songs = data.catalog.size
         with strategy.scope():
             model = musicmodel.build_model(
-                num_songs=data.catalog.size,
+                num_songs=songs,
                 cell=config.cell,
                 num_layers=config.num_layers,
                 embedding_size=config.embedding_size,
@@ -157,6 +158,10 @@ class NextSongTask:
                 max_grad_norm=config.max_grad_norm,
                 tie_embeddings=config.tie_embeddings,
                 loss_weighting=config.loss_weighting,
+                softmax=config.softmax,
+                num_sampled=config.num_sampled,
+                song_counts=np.bincount(windows.targets[windows.weights > 0], minlength=songs),
+                jit_compile=config.jit_compile,
             )
         callbacks = []
         if yes_reader.count_events(data.valid):

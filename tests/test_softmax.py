@@ -1,0 +1,148 @@
+"""Training speed-ups keep the full-softmax loss; sampled softmax, its sampler and fast scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import config as config_lib
+import musicmodel
+import yes_reader
+
+NUM_SONGS = 11
+PLAYLISTS = [np.array(p, np.int32) for p in ([1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 5], [11, 10, 1, 4])]
+
+
+def tiny_model(**kwargs) -> musicmodel.MusicModel:
+    import keras
+
+    keras.utils.set_random_seed(1)
+    settings = dict(
+        num_songs=NUM_SONGS, cell="lstm", num_layers=2, embedding_size=6, hidden_size=5,
+        dropout=0.0, batch_size=3, learning_rate=0.01, max_grad_norm=5.0,
+    )  # fmt: skip
+    return musicmodel.build_model(**{**settings, **kwargs})
+
+
+def reference_loss(model: musicmodel.MusicModel, windows: yes_reader.Windows) -> float:
+    """Straightforward Keras: the same weights in a Sequential model, numpy cross-entropy."""
+    import keras
+
+    plain = keras.Sequential(
+        [
+            keras.Input((windows.inputs.shape[2],), dtype="int32"),
+            keras.layers.Embedding(NUM_SONGS + 1, 6),
+            keras.layers.LSTM(5, return_sequences=True),
+            keras.layers.LSTM(5, return_sequences=True),
+            keras.layers.Dense(NUM_SONGS),
+        ]
+    )
+    plain.set_weights([v.numpy() for v in model.trainable_variables])
+    logits = plain.predict(windows.inputs[0], verbose=0).astype(np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, windows.targets[0][..., None], -1)[..., 0]
+    return float((ce * windows.weights[0]).sum() / windows.weights[0].sum())
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_full_softmax_loss_is_the_plain_cross_entropy(jit_compile):
+    # One window from a zero state: the train step's loss (before its update) must equal the
+    # mean cross-entropy over the 8 + 1 + 3 real events of plain Keras with the same weights.
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=8)
+    model = tiny_model(jit_compile=jit_compile)
+    expected = reference_loss(model, windows)
+    x, y, w = (windows.inputs[0], windows.reset[0]), windows.targets[0], windows.weights[0]
+    loss = model.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_xla_and_graph_steps_train_the_same_weights():
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
+    models = [tiny_model(jit_compile=jit) for jit in (False, True)]
+    for model in models:
+        model.fit(yes_reader.to_dataset(windows).repeat(3), verbose=0)
+    for a, b in zip(*(m.trainable_variables for m in models), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_sampled_logits_worked_by_hand():
+    # dims 1: query 2; kernel [1, 2, 3], bias [0, 1, 0], log_q [-1, -2, -3].
+    # target 1: 2 * 2 + 1 - (-2) = 7; negatives [0, 1, 2]: 2 + 0 + 1 = 3, (hit: masked), 6 + 3 = 9.
+    logits = musicmodel.sampled_softmax_logits(
+        np.array([[2.0]], np.float32),
+        np.array([1], np.int32),
+        np.array([[1.0, 2.0, 3.0]], np.float32),
+        np.array([0.0, 1.0, 0.0], np.float32),
+        np.array([0, 1, 2], np.int32),
+        np.array([-1.0, -2.0, -3.0], np.float32),
+    )
+    np.testing.assert_allclose(np.asarray(logits), [[7.0, 3.0, -1e9, 9.0]], rtol=1e-6)
+
+
+def test_alias_table_gives_exactly_the_probabilities():
+    # P(song j) = (accept[j] + sum of (1 - accept[i]) over columns i aliased to j) / n.
+    probs = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    accept, alias = musicmodel.alias_table(probs)
+    implied = accept.copy()
+    np.add.at(implied, alias, 1.0 - accept)
+    np.testing.assert_allclose(implied / len(probs), probs, atol=1e-12)
+
+
+def test_sampler_draws_songs_in_proportion_to_counts_plus_one():
+    import tensorflow as tf
+
+    counts = np.array([99, 0, 49, 0])  # Q = [100, 1, 50, 1] / 152
+    sampler = musicmodel.SongSampler(counts)
+    draws = sampler.draw(20000, tf.constant([3, 0])).numpy()
+    assert draws.min() >= 0 and draws.max() < 4
+    share = np.bincount(draws, minlength=4) / len(draws)
+    np.testing.assert_allclose(share, [100 / 152, 1 / 152, 50 / 152, 1 / 152], atol=0.01)
+    np.testing.assert_allclose(
+        np.exp(sampler.log_q.numpy()), [100 / 152, 1 / 152, 50 / 152, 1 / 152]
+    )
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_sampled_training_lowers_the_full_catalog_loss(tie_embeddings):
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=8)
+    counts = np.bincount(windows.targets[windows.weights > 0], minlength=NUM_SONGS)
+    model = tiny_model(
+        softmax="sampled", num_sampled=4, song_counts=counts, jit_compile=True,
+        tie_embeddings=tie_embeddings,
+    )  # fmt: skip
+    before = model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
+    model.fit(yes_reader.to_dataset(windows).repeat(100), verbose=0)
+    after = model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
+    assert after["events"] == before["events"] == 12  # evaluation: all events, full catalog
+    assert after["loss"] < before["loss"] - 0.3
+
+
+@pytest.mark.parametrize(
+    "given, flag",
+    [({"softmax": "partial"}, "--softmax"), ({"num_sampled": 0}, "--num_sampled")],
+)
+def test_bad_softmax_settings_name_the_flag(given, flag):
+    with pytest.raises(config_lib.ConfigError, match=flag):
+        config_lib.make_config(given)
+
+
+def test_more_samples_than_songs_names_the_flag():
+    with pytest.raises(config_lib.ConfigError, match="--num_sampled=11"):
+        tiny_model(softmax="sampled", num_sampled=NUM_SONGS)
+
+
+def test_incremental_step_equals_scoring_the_whole_history():
+    import tensorflow as tf
+
+    model = tiny_model()
+    history = np.array([[3, 0, 7, 2]], np.int32)
+    whole = musicmodel.serving_function(model, top_k=5, exclude_history=False)(
+        history, np.array([4], np.int32)
+    )
+    step = musicmodel.step_function(model, top_k=5)
+    state = tf.zeros([2, 2, 1, 5])
+    for song in history[0]:
+        out = step(np.array([[song]], np.int32), state)
+        state = out["state"]
+    np.testing.assert_array_equal(out["song_ids"], whole["song_ids"])
+    np.testing.assert_allclose(out["scores"], whole["scores"], rtol=1e-5)
