@@ -1,0 +1,397 @@
+"""Training, evaluation and serving speed of deepcf next to a plain Keras reference.
+
+    python benchmarks/bench.py [--quick] [--out bench.json]
+
+Training: (a) "plain", the straightforward Keras `model.fit` of the same architecture (Embedding
+-> 2 x LSTM -> Dense softmax, batch 100, 20 steps, Adam, global clipnorm 5), written here, and
+(b) "deepcf", `musicmodel.build_model` + `model.fit` over `yes_reader.to_dataset` windows, as
+`--mode=train` runs it (XLA on, carried state). Both read the same synthetic windows: song ids
+drawn with a Zipf-like popularity skew, no padding, a new playlist every 10 windows. Each
+configuration runs in its own subprocess, so its peak RSS is its own (with --quick, all share
+one process and peak RSS is cumulative); its speed is the median step time after warm-up.
+GFLOP/s come from the analytic count of matrix-multiply work (forward + 2 x backward) and are
+compared with a matmul ceiling measured in the same run.
+
+Evaluation: events/s of the full-catalog `model.evaluate` of `--mode=eval` over the test split
+of data/yes_big (data/yes_small with --quick), after a first warm-up pass. Serving: top-20 after
+one 20-song history through `musicmodel.serving_function` (the `--mode=recommend`/export path),
+one added song from carried state through `musicmodel.step_function`, and batches of histories.
+Weights are untrained: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CATALOGS = (3168, 9775, 75262)  # yes_small, yes_big, the full Yes.com catalog
+BATCH, STEPS, EMBED, HIDDEN, LAYERS = 100, 20, 100, 100, 2  # the UCL seed configuration
+NUM_SAMPLED = 1024
+SERVE_TOP_K, HISTORY = 20, 20
+
+
+def train_flops(catalog: int, softmax: str) -> float:
+    """Multiply-add FLOPs per transition of one training step: 3 x (2 x forward MACs)."""
+    lstm = sum(
+        2 * 4 * HIDDEN * (EMBED if i == 0 else HIDDEN) + 2 * 4 * HIDDEN * HIDDEN
+        for i in range(LAYERS)
+    )
+    outputs = catalog if softmax == "full" else NUM_SAMPLED + 1
+    return 3.0 * (lstm + 2 * HIDDEN * outputs)
+
+
+def synthetic_windows(catalog: int, num_windows: int, seed: int = 0):
+    """`yes_reader.Windows` of Zipf-skewed song ids (p ∝ 1 / rank^0.8), reset every 10 windows."""
+    import yes_reader
+
+    rng = np.random.default_rng(seed)
+    popularity = 1.0 / np.arange(1, catalog + 1) ** 0.8
+    ids = rng.permutation(catalog)[
+        rng.choice(catalog, (BATCH, num_windows * STEPS + 1), p=popularity / popularity.sum())
+    ]
+    shape = (BATCH, num_windows, STEPS)
+    reset = np.zeros((num_windows, BATCH), bool)
+    reset[::10] = True
+    return yes_reader.Windows(
+        inputs=(ids[:, :-1] + 1).reshape(shape).transpose(1, 0, 2).astype(np.int32),
+        targets=ids[:, 1:].reshape(shape).transpose(1, 0, 2).astype(np.int32),
+        weights=np.ones((num_windows, BATCH, STEPS), np.float32),
+        reset=reset,
+        batch_starts=np.arange(0, num_windows + 1, 10),
+        playlists=BATCH * num_windows // 10,
+    )
+
+
+def plain_model(catalog: int):
+    """The straightforward Keras model and `compile` a user would write (Keras' defaults)."""
+    import keras
+
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS,), dtype="int32"),
+            keras.layers.Embedding(catalog + 1, EMBED),
+            *[keras.layers.LSTM(HIDDEN, return_sequences=True) for _ in range(LAYERS)],
+            keras.layers.Dense(catalog),
+        ]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3, global_clipnorm=5.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+def median_step_seconds(fit, num_steps: int, warmup: int) -> float:
+    """Runs `fit(callbacks)` and returns the median wall time of the steps after `warmup`."""
+    import keras
+
+    times = []
+
+    class StepTimer(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            times.append(time.perf_counter() - self.start)
+
+    fit([StepTimer()])
+    if len(times) != num_steps:
+        raise RuntimeError(f"expected {num_steps} timed steps, got {len(times)}")
+    return float(np.median(times[warmup:]))
+
+
+def run_train(spec: dict) -> dict:
+    """One training configuration: transitions/s, GFLOP/s (RSS is added by the caller)."""
+    import keras
+
+    import musicmodel
+    import yes_reader
+
+    keras.utils.set_random_seed(0)
+    catalog, steps = spec["catalog"], spec["warmup"] + spec["steps"]
+    windows = synthetic_windows(catalog, steps)
+    if spec["impl"] == "plain":
+        model = plain_model(catalog)
+        x = windows.inputs.reshape(-1, STEPS)  # window-major rows: batch i = window i
+        y, w = windows.targets.reshape(-1, STEPS), windows.weights.reshape(-1, STEPS)
+
+        def fit(callbacks):
+            model.fit(
+                x,
+                y,
+                sample_weight=w,
+                batch_size=BATCH,
+                shuffle=False,
+                verbose=0,
+                callbacks=callbacks,
+            )
+    else:
+        counts = np.bincount(windows.targets.ravel(), minlength=catalog)
+        model = musicmodel.build_model(
+            num_songs=catalog,
+            cell="lstm",
+            num_layers=LAYERS,
+            embedding_size=EMBED,
+            hidden_size=HIDDEN,
+            dropout=0.0,
+            batch_size=BATCH,
+            learning_rate=1e-3,
+            max_grad_norm=5.0,
+            softmax=spec["softmax"],
+            num_sampled=NUM_SAMPLED,
+            song_counts=counts,
+            jit_compile=True,
+        )
+
+        def fit(callbacks):
+            model.fit(yes_reader.to_dataset(windows), verbose=0, callbacks=callbacks)
+
+    seconds = median_step_seconds(fit, steps, spec["warmup"])
+    rate = BATCH * STEPS / seconds
+    return {"transitions_per_s": rate, "gflops": rate * train_flops(catalog, spec["softmax"]) / 1e9}
+
+
+def run_ceiling(spec: dict) -> dict:
+    """Best GFLOP/s of a float32 matmul, 2000 x 100 x 9775 and 512^3, over short repeats."""
+    import tensorflow as tf
+
+    best = 0.0
+    for m, k, n in ((BATCH * STEPS, HIDDEN, 9775), (512, 512, 512)):
+        a, b = tf.random.normal((m, k)), tf.random.normal((k, n))
+        matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+        matmul(a, b).numpy()
+        calls = max(1, int(2e9 * spec["scale"] / (2 * m * k * n)))
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            for _ in range(calls):
+                matmul(a, b).numpy()
+            best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
+    return {"ceiling_gflops": best}
+
+
+def run_eval(spec: dict) -> dict:
+    """Events/s of the full-catalog evaluation of `--mode=eval` over a test split."""
+    import keras
+
+    import musicmodel
+    import yes_reader
+
+    keras.utils.set_random_seed(0)
+    catalog = yes_reader.read_catalog(os.path.join(spec["data_dir"], "song_hash.txt"))
+    test = yes_reader.read_playlists(
+        yes_reader.playlist_path(spec["data_dir"], "test"), catalog.size
+    )[: spec["playlists"]]
+    model = musicmodel.build_model(
+        num_songs=catalog.size,
+        cell="lstm",
+        num_layers=LAYERS,
+        embedding_size=EMBED,
+        hidden_size=HIDDEN,
+        dropout=0.0,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        max_grad_norm=5.0,
+        jit_compile=True,
+    )
+    windows = yes_reader.make_windows(test, BATCH, STEPS)
+    model.evaluate(yes_reader.to_dataset(windows), verbose=0)  # warm-up: traces and compiles
+    start = time.perf_counter()
+    results = model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
+    seconds = time.perf_counter() - start
+    return {
+        "eval_events": int(results["events"]),
+        "eval_seconds": seconds,
+        "eval_events_per_s": float(results["events"]) / seconds,
+    }
+
+
+def percentiles_ms(call, requests: int) -> dict:
+    """p50/p95 latency in ms of `call()` over `requests` calls after 10 warm-up calls."""
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(requests):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return {"p50": 1e3 * float(np.median(times)), "p95": 1e3 * float(np.percentile(times, 95))}
+
+
+def run_serving(spec: dict) -> dict:
+    """Top-20 latency for one history, for one added song (carried state), batched throughput."""
+    import keras
+    import tensorflow as tf
+
+    import musicmodel
+
+    keras.utils.set_random_seed(0)
+    catalog = spec["catalog"]
+    model = musicmodel.build_model(
+        num_songs=catalog,
+        cell="lstm",
+        num_layers=LAYERS,
+        embedding_size=EMBED,
+        hidden_size=HIDDEN,
+        dropout=0.0,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        max_grad_norm=5.0,
+    )
+    rng = np.random.default_rng(0)
+    recommend = musicmodel.serving_function(model, SERVE_TOP_K, exclude_history=False)
+    one = tf.constant(rng.integers(0, catalog, (1, HISTORY)), tf.int32)
+    length = tf.constant([HISTORY], tf.int32)
+    latency = percentiles_ms(lambda: recommend(one, length)["song_ids"].numpy(), spec["requests"])
+
+    step = musicmodel.step_function(model, SERVE_TOP_K)
+    state = step(one[:, :1], tf.zeros([LAYERS, 2, 1, HIDDEN]))["state"]
+    song = tf.constant([[7]], tf.int32)
+    incremental = percentiles_ms(lambda: step(song, state)["song_ids"].numpy(), spec["requests"])
+
+    many = tf.constant(rng.integers(0, catalog, (spec["batch"], HISTORY)), tf.int32)
+    lengths = tf.fill([spec["batch"]], HISTORY)
+    recommend(many, lengths)["song_ids"].numpy()
+    start = time.perf_counter()
+    for _ in range(spec["batches"]):
+        recommend(many, lengths)["song_ids"].numpy()
+    per_s = spec["batch"] * spec["batches"] / (time.perf_counter() - start)
+    return {
+        "latency_ms": latency,
+        "incremental_latency_ms": incremental,
+        "batched_histories_per_s": per_s,
+    }
+
+
+WORKERS = {"train": run_train, "ceiling": run_ceiling, "eval": run_eval, "serving": run_serving}
+
+
+def in_subprocess(specs: list[dict]) -> list[dict]:
+    """Runs `WORKERS[spec["worker"]](spec)` for each spec in one fresh Python, in order.
+
+    Each result gets `peak_rss_mb`: the process's peak so far, so it is per configuration only
+    when the process runs one spec.
+    """
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    done = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(specs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"bench worker {specs} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def plan(quick: bool) -> tuple[list[dict], dict, dict, dict]:
+    """Training configurations and the ceiling, evaluation and serving specs."""
+    catalogs = CATALOGS[:1] if quick else CATALOGS
+    warmup, steps = (2, 4) if quick else (5, 20)
+    train = [
+        {
+            "worker": "train",
+            "catalog": v,
+            "impl": impl,
+            "softmax": "full",
+            "warmup": warmup,
+            "steps": steps // 2 if v > 10000 else steps,
+        }
+        for v in catalogs
+        for impl in ("plain", "deepcf")
+    ]
+    train.append({**train[-1], "softmax": "sampled", "steps": steps})
+    ceiling = {"worker": "ceiling", "scale": 0.2 if quick else 1.0, "repeats": 2 if quick else 5}
+    data = "data/yes_small" if quick else "data/yes_big"
+    evaluate = {
+        "worker": "eval",
+        "data_dir": os.path.join(ROOT, data),
+        "playlists": 300 if quick else None,
+    }
+    serving = {
+        "worker": "serving",
+        "catalog": CATALOGS[0] if quick else CATALOGS[1],
+        "requests": 30 if quick else 300,
+        "batch": 1000,
+        "batches": 2 if quick else 10,
+    }
+    return train, ceiling, evaluate, serving
+
+
+def print_table(result: dict) -> None:
+    """The training rows, then the single figures."""
+    print(f"matmul ceiling: {result['ceiling_gflops']:.1f} GFLOP/s")
+    print(
+        f"{'catalog':>8} {'impl':>7} {'softmax':>8} {'trans/s':>9} {'GFLOP/s':>8} "
+        f"{'ceiling':>8} {'RSS MB':>7} {'vs plain':>8}"
+    )
+    plain = {r["catalog"]: r["transitions_per_s"] for r in result["train"] if r["impl"] == "plain"}
+    for r in result["train"]:
+        print(
+            f"{r['catalog']:>8} {r['impl']:>7} {r['softmax']:>8} {r['transitions_per_s']:>9.0f} "
+            f"{r['gflops']:>8.1f} {r['ceiling_fraction']:>8.0%} {r['peak_rss_mb']:>7.0f} "
+            f"{r['transitions_per_s'] / plain[r['catalog']]:>7.2f}x"
+        )
+    print(f"evaluation: {result['eval_events_per_s']:.0f} events/s")
+    for key in ("latency_ms", "incremental_latency_ms"):
+        print(f"{key}: p50 {result[key]['p50']:.2f}, p95 {result[key]['p95']:.2f}")
+    print(f"batched: {result['batched_histories_per_s']:.0f} histories/s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smallest catalog, few steps (CI)")
+    parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        outs = []
+        for spec in json.loads(args.worker):
+            outs.append(WORKERS[spec["worker"]](spec))
+            outs[-1]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(outs))
+        return 0
+    train, ceiling, evaluate, serving = plan(args.quick)
+    specs = [ceiling, *train, evaluate, serving]
+    if args.quick:  # one process: faster start, but peak RSS is cumulative
+        outs = in_subprocess(specs)
+    else:  # one process per configuration: its own peak RSS
+        outs = [out for spec in specs for out in in_subprocess([spec])]
+    result = {"ceiling_gflops": outs[0]["ceiling_gflops"], "train": []}
+    for spec, out in zip(train, outs[1:], strict=False):
+        print(
+            f"  {spec['catalog']} {spec['impl']} {spec['softmax']}: "
+            f"{out['transitions_per_s']:.0f} transitions/s",
+            file=sys.stderr,
+        )
+        result["train"].append(
+            {
+                "catalog": spec["catalog"],
+                "impl": spec["impl"],
+                "softmax": spec["softmax"],
+                "transitions_per_s": out["transitions_per_s"],
+                "gflops": out["gflops"],
+                "ceiling_fraction": out["gflops"] / result["ceiling_gflops"],
+                "peak_rss_mb": out["peak_rss_mb"],
+            }
+        )
+    result["eval_events_per_s"] = outs[-2]["eval_events_per_s"]
+    result.update({k: v for k, v in outs[-1].items() if k != "peak_rss_mb"})
+    print_table(result)
+    config_lib.write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
