@@ -233,7 +233,10 @@ class NextSongTask:
         model = modeltrainer.load_model(config.model_dir)
         path = modeltrainer.export_saved_model(
             model,
-            {"serving_default": serving_function(config, model)},
+            {
+                "serving_default": serving_function(config, model),
+                "next_step": musicmodel.step_function(model, config.top_k),  # carried state
+            },
             os.path.join(config.model_dir, modeltrainer.EXPORT_DIR),
             config.export_version,
         )

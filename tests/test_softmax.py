@@ -146,3 +146,19 @@ def test_incremental_step_equals_scoring_the_whole_history():
         state = out["state"]
     np.testing.assert_array_equal(out["song_ids"], whole["song_ids"])
     np.testing.assert_allclose(out["scores"], whole["scores"], rtol=1e-5)
+
+
+def test_exported_step_signature_matches_the_model(tmp_path):
+    import tensorflow as tf
+
+    import modeltrainer
+
+    model = tiny_model()
+    step = musicmodel.step_function(model, top_k=3)
+    path = modeltrainer.export_saved_model(model, {"next_step": step}, str(tmp_path))
+    served = tf.saved_model.load(path).signatures["next_step"]
+    song, state = np.array([[4]], np.int32), np.zeros([2, 2, 1, 5], np.float32)
+    want = step(song, state)
+    got = served(song=tf.constant(song), state=tf.constant(state))
+    np.testing.assert_array_equal(got["song_ids"], want["song_ids"])
+    np.testing.assert_allclose(got["state"], want["state"], atol=1e-6)
