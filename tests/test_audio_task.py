@@ -29,34 +29,15 @@ MONTHS = ("2023-02", "2023-03", "2023-04")
 PLAYS_PER_MONTH = 150  # before cleaning; about half are >= 30 s and join
 
 
-def tiny_model(loss: str) -> musicmodel.AudioFeatureModel:
+def tiny_model(loss: str = "mse", **sizes) -> musicmodel.AudioFeatureModel:
+    args = {**dict(num_features=2, seq_len=3, pred_steps=2, num_layers=1, hidden_size=4), **sizes}
     return musicmodel.build_audio_model(
-        num_features=2,
-        seq_len=3,
-        pred_steps=2,
-        cell="gru",
-        num_layers=1,
-        hidden_size=4,
-        dropout=0.0,
-        learning_rate=0.01,
-        max_grad_norm=5.0,
-        loss=loss,
+        cell="gru", dropout=0.0, learning_rate=0.01, max_grad_norm=5.0, loss=loss, **args
     )
 
 
 def test_model_output_shape():
-    model = musicmodel.build_audio_model(
-        num_features=11,
-        seq_len=10,
-        pred_steps=5,
-        cell="gru",
-        num_layers=2,
-        hidden_size=8,
-        dropout=0.0,
-        learning_rate=0.01,
-        max_grad_norm=5.0,
-        loss="mse",
-    )
+    model = tiny_model(num_features=11, seq_len=10, pred_steps=5, num_layers=2, hidden_size=8)
     x = np.random.default_rng(0).normal(size=(3, 10, 11)).astype(np.float32)
     assert tuple(model(x).shape) == (3, 5, 11)
     assert [layer.name for layer in model.rnns] == ["gru_0", "gru_1"]
