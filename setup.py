@@ -20,6 +20,7 @@ setup(
         "audio_reader",
         "hitrate",
         "audio_task",
+        "cluster",
     ],
     install_requires=[
         "tensorflow>=2.16",
