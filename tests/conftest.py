@@ -40,6 +40,23 @@ def write_yes_dir(
     return directory
 
 
+SMALL_MODEL = dict(
+    embedding_size=16, hidden_size=16, batch_size=20, num_steps=5, learning_rate=0.01
+)
+
+
+def train_small(data_dir: pathlib.Path, model_dir: pathlib.Path, num_epochs: int):
+    """Trains a tiny next-song model on `data_dir`; returns its Config."""
+    import config as config_lib
+    import tasks
+
+    cfg = config_lib.make_config(
+        dict(data_dir=str(data_dir), model_dir=str(model_dir), num_epochs=num_epochs, **SMALL_MODEL)
+    )
+    tasks.TASKS["next_song"].train(cfg)
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def small_slice(tmp_path_factory) -> pathlib.Path:
     """The first 800 train and 200 test playlists of the shipped data/yes_small."""

@@ -14,9 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import config as config_lib
 import tasks
-from conftest import ROOT
-
-SMALL = dict(embedding_size=16, hidden_size=16, batch_size=20, num_steps=5, learning_rate=0.01)
+from conftest import ROOT, SMALL_MODEL, train_small
 
 
 def scalars(run_dir: str, split: str) -> dict[str, list[tuple[int, float]]]:
@@ -38,12 +36,7 @@ def _value(event):
 
 @pytest.fixture(scope="module")
 def trained(small_slice, tmp_path_factory) -> config_lib.Config:
-    model_dir = str(tmp_path_factory.mktemp("run"))
-    cfg = config_lib.make_config(
-        dict(data_dir=str(small_slice), model_dir=model_dir, num_epochs=3, **SMALL)
-    )
-    tasks.TASKS["next_song"].train(cfg)
-    return cfg
+    return train_small(small_slice, tmp_path_factory.mktemp("run"), num_epochs=3)
 
 
 def test_training_writes_model_config_and_falling_loss(trained):
@@ -92,7 +85,7 @@ def test_eval_cli_writes_metrics_json(trained):
 
 
 def test_resume_continues_at_the_next_epoch(small_slice, tmp_path):
-    base = dict(data_dir=str(small_slice), model_dir=str(tmp_path), **SMALL)
+    base = dict(data_dir=str(small_slice), model_dir=str(tmp_path), **SMALL_MODEL)
     tasks.TASKS["next_song"].train(config_lib.make_config(dict(base, num_epochs=1)))
     steps_per_epoch = int(
         sorted(os.listdir(tmp_path / "checkpoints"))[-1].split("-")[1].split(".")[0]

@@ -24,20 +24,14 @@ import hooks
 import modeltrainer
 import tasks
 import yes_reader
-from conftest import ROOT
+from conftest import ROOT, train_small
 
-SMALL = dict(embedding_size=16, hidden_size=16, batch_size=20, num_steps=5, learning_rate=0.01)
 HISTORIES = [[12, 845, 3001], [7], [100, 200, 12, 100]]  # different lengths: padding matters
 
 
 @pytest.fixture(scope="module")
 def trained(small_slice, tmp_path_factory) -> config_lib.Config:
-    model_dir = str(tmp_path_factory.mktemp("serving_run"))
-    cfg = config_lib.make_config(
-        dict(data_dir=str(small_slice), model_dir=model_dir, num_epochs=1, **SMALL)
-    )
-    tasks.TASKS["next_song"].train(cfg)
-    return cfg
+    return train_small(small_slice, tmp_path_factory.mktemp("serving_run"), num_epochs=1)
 
 
 @pytest.fixture(scope="module")
