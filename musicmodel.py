@@ -111,11 +111,7 @@ class MusicModel(keras.Model):
         self.tie_embeddings, self.loss_weighting = tie_embeddings, loss_weighting
         self.softmax, self.num_sampled, self.sampler = softmax, num_sampled, None
         if softmax == "sampled":
-            if not 0 < num_sampled < num_songs:
-                raise config_lib.ConfigError(
-                    f"--num_sampled={num_sampled}: must be in 1..{num_songs - 1} "
-                    f"(the catalog has {num_songs} songs)"
-                )
+            check_num_sampled(num_sampled, num_songs)
             self.sampler = SongSampler(num_songs if song_counts is None else song_counts)
         elif softmax != "full":
             raise config_lib.ConfigError(f"--softmax={softmax!r}: must be full or sampled")
@@ -295,6 +291,15 @@ class MusicModel(keras.Model):
 
         tf.while_loop(lambda start: start < real, score_chunk, [tf.constant(0)])
         return self.ranking.result()
+
+
+def check_num_sampled(num_sampled: int, num_songs: int) -> None:
+    """Raises `ConfigError` naming --num_sampled unless 0 < num_sampled < num_songs."""
+    if not 0 < num_sampled < num_songs:
+        raise config_lib.ConfigError(
+            f"--num_sampled={num_sampled}: must be in 1..{num_songs - 1} "
+            f"(the catalog has {num_songs} songs)"
+        )
 
 
 def alias_table(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -134,6 +134,8 @@ class NextSongTask:
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed
         )
+        if config.softmax == "sampled":  # before anything is written
+            musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
         write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
         config_lib.make_model_dir(write_dir)
         if cluster.is_chief(strategy):
