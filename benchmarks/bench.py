@@ -73,6 +73,24 @@ def synthetic_windows(catalog: int, num_windows: int, seed: int = 0):
     )
 
 
+def seed_model(catalog: int, **options):
+    """deepcf's own model in the seed configuration (UCL: 2 x LSTM 100, batch 100, Adam, clip 5)."""
+    import musicmodel
+
+    return musicmodel.build_model(
+        num_songs=catalog,
+        cell="lstm",
+        num_layers=LAYERS,
+        embedding_size=EMBED,
+        hidden_size=HIDDEN,
+        dropout=0.0,
+        batch_size=BATCH,
+        learning_rate=1e-3,
+        max_grad_norm=5.0,
+        **options,
+    )
+
+
 def plain_model(catalog: int):
     """The straightforward Keras model and `compile` a user would write (Keras' defaults)."""
     import keras
@@ -119,7 +137,6 @@ def run_train(spec: dict) -> dict:
     """One training configuration: transitions/s, GFLOP/s (RSS is added by the caller)."""
     import keras
 
-    import musicmodel
     import yes_reader
 
     keras.utils.set_random_seed(0)
@@ -142,16 +159,8 @@ def run_train(spec: dict) -> dict:
             )
     else:
         counts = np.bincount(windows.targets.ravel(), minlength=catalog)
-        model = musicmodel.build_model(
-            num_songs=catalog,
-            cell="lstm",
-            num_layers=LAYERS,
-            embedding_size=EMBED,
-            hidden_size=HIDDEN,
-            dropout=0.0,
-            batch_size=BATCH,
-            learning_rate=1e-3,
-            max_grad_norm=5.0,
+        model = seed_model(
+            catalog,
             softmax=spec["softmax"],
             num_sampled=NUM_SAMPLED,
             song_counts=counts,
@@ -241,17 +250,7 @@ def run_serving(spec: dict) -> dict:
 
     keras.utils.set_random_seed(0)
     catalog = spec["catalog"]
-    model = musicmodel.build_model(
-        num_songs=catalog,
-        cell="lstm",
-        num_layers=LAYERS,
-        embedding_size=EMBED,
-        hidden_size=HIDDEN,
-        dropout=0.0,
-        batch_size=BATCH,
-        learning_rate=1e-3,
-        max_grad_norm=5.0,
-    )
+    model = seed_model(catalog)
     rng = np.random.default_rng(0)
     recommend = musicmodel.serving_function(model, SERVE_TOP_K, exclude_history=False)
     one = tf.constant(rng.integers(0, catalog, (1, HISTORY)), tf.int32)
