@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -412,3 +414,69 @@ def compare(config: config_lib.Config, model, windows: yes_reader.Windows) -> di
         if tuned:
             out["blend"]["validation"] = tuned["validation"]
     return out
+
+
+def chosen_weights(config: config_lib.Config) -> dict[str, float]:
+    """--blend's weights: as given, else the ones `--mode=eval` chose (model_dir/metrics.json).
+
+    Raises:
+      ConfigError naming --blend if no weights are given and eval has not chosen any for these
+        components.
+    """
+    blend = config.blend_weights
+    if None not in blend.values():
+        return blend
+    path = os.path.join(config.model_dir, "metrics.json")
+    weights = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            weights = json.load(f).get("blend", {}).get("weights", {})
+    if set(weights) != set(blend):
+        raise config_lib.ConfigError(
+            f"--blend={config.blend}: no weights given and {path} holds none chosen for these "
+            "components; run --mode=eval with this --blend first, or give the weights"
+        )
+    logging.info("blend weights chosen by --mode=eval (%s): %s", path, weights)
+    return weights
+
+
+def recommend_blend(
+    config: config_lib.Config, model, histories: list[np.ndarray], top_k: int
+) -> dict[str, np.ndarray]:
+    """The --blend's top `top_k` next songs after each history, scored as in `evaluate_blends`.
+
+    Args:
+      model: the trained model; its probabilities come from the serving function (whole catalog).
+      histories: 0-based song ids, oldest first.
+
+    Returns:
+      {"song_ids": int [histories, top_k] best first, "scores": float [histories, top_k] the
+      blended probability}; with --exclude_history, songs of the history come last (score -1).
+    """
+    import musicmodel  # TensorFlow only where the model is used
+
+    weights = chosen_weights(config)
+    fitted = fit(
+        sorted(set(weights) - {"rnn"}),
+        yes_reader.load(config.data_dir, config.valid_fraction, config.seed),
+    )
+    num_songs, total = model.num_songs, sum(weights.values())
+    probs = np.zeros((len(histories), num_songs))
+    for name, weight in weights.items():
+        if name != "rnn":
+            probs += weight / total * fitted[name].probabilities(histories)
+            continue
+        length = np.array([len(h) for h in histories], np.int32)
+        padded = np.zeros((len(histories), length.max()), np.int32)
+        for row, history in enumerate(histories):
+            padded[row, : len(history)] = history
+        serve = musicmodel.serving_function(model, num_songs, exclude_history=False)
+        out = serve(padded, length)  # every song, best first: scatter back to song order
+        rnn = np.zeros_like(probs)
+        np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
+        probs += weight / total * rnn
+    if config.exclude_history:
+        for row, history in enumerate(histories):
+            probs[row, history] = -1.0
+    song_ids = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    return {"song_ids": song_ids, "scores": np.take_along_axis(probs, song_ids, axis=1)}

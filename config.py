@@ -139,9 +139,10 @@ class Config:
     blend: str = _field(
         "",
         "evaluation",
-        "Hybrid scoring in --mode=eval, e.g. rnn:0.3,markov:0.5,sknn:0.2: a weighted sum of "
-        "per-event probabilities; names without weights (rnn,markov,sknn) choose the weights on "
-        "the validation split.",
+        "Hybrid scoring in --mode=eval and --mode=recommend, e.g. rnn:0.3,markov:0.5,sknn:0.2: "
+        "a weighted sum of per-event probabilities; names without weights (rnn,markov,sknn): eval "
+        "chooses the weights on the validation split and records them in metrics.json, where "
+        "recommend reads them.",
     )
     top_k: int = _field(10, "serving", "Songs returned by --mode=recommend and the export.")
     history: str = _field(

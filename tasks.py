@@ -212,7 +212,8 @@ class NextSongTask:
         return results
 
     def recommend(self, config: config_lib.Config) -> list[dict]:
-        """Prints the --top_k next songs for --history or each line of --history_file.
+        """Prints the --top_k next songs for --history or each line of --history_file (by the
+        model, or with --blend by the blend of the model and baselines that --mode=eval scores).
 
         Returns:
           Per history: {"song_ids": int32 [top_k], "scores": float32 [top_k]} (best first).
@@ -221,11 +222,15 @@ class NextSongTask:
         histories = read_histories(config, catalog.size)
         model = load_trained(config, catalog.size)
         recommend = serving_function(config, model)
-        length = np.array([len(ids) for _, ids in histories], np.int32)
-        padded = np.zeros((len(histories), length.max()), np.int32)
-        for row, (_, ids) in enumerate(histories):
-            padded[row, : len(ids)] = ids
-        out = {k: v.numpy() for k, v in recommend(padded, length).items()}
+        if config.blend:  # the hybrid of --mode=eval's blend, same components and weights
+            songs = [np.asarray(ids) for _, ids in histories]
+            out = baselines.recommend_blend(config, model, songs, config.top_k)
+        else:
+            length = np.array([len(ids) for _, ids in histories], np.int32)
+            padded = np.zeros((len(histories), length.max()), np.int32)
+            for row, (_, ids) in enumerate(histories):
+                padded[row, : len(ids)] = ids
+            out = {k: v.numpy() for k, v in recommend(padded, length).items()}
         for row, (label, ids) in enumerate(histories):
             print_recommendations(label, ids, out["song_ids"][row], out["scores"][row], catalog)
         return [{k: v[row] for k, v in out.items()} for row in range(len(histories))]

@@ -124,6 +124,53 @@ def test_recommend_unknown_ids_name_the_flag_or_the_line(trained, tmp_path):
         tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history="1", top_k=4000))
 
 
+def blend_reference(model, data_dir, history: list[int], weights: dict, k: int):
+    """Top-k of sum_c w_c p_c / sum_c w_c over the model's softmax and fitted baselines, heard
+    songs excluded: worked out from `MusicModel.forward` and the baselines' own probabilities."""
+    import baselines
+
+    tokens = np.array([history], np.int32) + 1
+    logits, _ = model.forward(tokens, model.zero_state(1))
+    p = {"rnn": tf.nn.softmax(logits[0, -1]).numpy().astype(np.float64)}
+    data = yes_reader.load(str(data_dir), 0.1, 0)
+    for name, fitted in baselines.fit([n for n in weights if n != "rnn"], data).items():
+        p[name] = fitted.probabilities([np.array(history)])[0]
+    blended = sum(w * p[name] for name, w in weights.items()) / sum(weights.values())
+    order = [s for s in np.argsort(-blended, kind="stable") if s not in history]
+    return np.array(order[:k]), blended[order[:k]]
+
+
+def test_recommend_blend_uses_given_or_eval_chosen_weights(trained, model, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained.model_dir, model_dir)
+    cfg = dataclasses.replace(
+        trained,
+        model_dir=str(model_dir),
+        history="12,845,3001",
+        top_k=6,
+        blend="rnn:0.3,markov:0.6,popularity:0.3",
+    )
+    out = tasks.TASKS["next_song"].recommend(cfg)[0]
+    weights = {"rnn": 0.3, "markov": 0.6, "popularity": 0.3}
+    ids, probs = blend_reference(model, trained.data_dir, [12, 845, 3001], weights, 6)
+    np.testing.assert_array_equal(out["song_ids"], ids)
+    np.testing.assert_allclose(out["scores"], probs, rtol=1e-4)
+    # The blend is not the model alone: Markov moves the ranking (else this test shows nothing).
+    assert out["song_ids"].tolist() != reference_top_k(model, [12, 845, 3001], 6)[0].tolist()
+
+    unweighted = dataclasses.replace(cfg, blend="rnn,markov")
+    with pytest.raises(config_lib.ConfigError, match="--blend=rnn,markov: no weights given"):
+        tasks.TASKS["next_song"].recommend(unweighted)
+    chosen = {"rnn": 0.1, "markov": 0.9}  # as --mode=eval records them
+    (model_dir / "metrics.json").write_text(json.dumps({"blend": {"weights": chosen}}))
+    out = tasks.TASKS["next_song"].recommend(unweighted)[0]
+    ids, probs = blend_reference(model, trained.data_dir, [12, 845, 3001], chosen, 6)
+    np.testing.assert_array_equal(out["song_ids"], ids)
+    np.testing.assert_allclose(out["scores"], probs, rtol=1e-4)
+
+
 FRESH_PROCESS = """
 import json, sys
 import tensorflow as tf
