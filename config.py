@@ -101,7 +101,11 @@ class Config:
     )
     num_sampled: int = _field(1024, "training", "Negatives per window with --softmax=sampled.")
     jit_compile: bool = _field(
-        True, "training", "XLA-compile the training step (same loss, faster on CPU)."
+        False,
+        "training",
+        "XLA-compile the next-song training step (same loss). XLA needs static shapes, so it "
+        "scores every position, padding too; without it only real events get logits, which is "
+        "faster on real playlists (about half of a training window is padding).",
     )
     loss_weighting: str = _field(
         "window",

@@ -21,12 +21,15 @@ import yes_reader
 
 
 def recurrent_stack(
-    cell: str, num_layers: int, hidden_size: int, dropout: float, unroll: bool = False
+    cell: str, num_layers: int, hidden_size: int, dropout: float, fixed_length: bool = False
 ) -> list:
     """`num_layers` LSTM or GRU layers that return sequences and their final states.
 
-    `unroll` unrolls the time loop (for short fixed-length inputs only).
+    `fixed_length` is for short inputs of a length known when the model is built: GRU layers are
+    then `FixedLengthGRU`s and LSTM layers unrolled Keras LSTMs.
     """
+    if fixed_length and cell == "gru":
+        return [FixedLengthGRU(hidden_size, dropout, name=f"gru_{i}") for i in range(num_layers)]
     layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[cell]
     return [
         layer_class(
@@ -34,11 +37,99 @@ def recurrent_stack(
             return_sequences=True,
             return_state=True,
             dropout=dropout,
-            unroll=unroll,
+            unroll=fixed_length,
             name=f"{cell}_{i}",
         )
         for i in range(num_layers)
     ]
+
+
+@tf.custom_gradient
+def gru_sequence(x, h0, kernel, recurrent_kernel, bias):
+    """A GRU run over every step of `x`, with back-propagation through time written out.
+
+    Keras' GRU (`reset_after=True`, gates in the order z, r, n) computes the input projection and
+    the weight gradients step by step; here the input projection of all steps is one matmul, and
+    so is each weight gradient (the sum over steps of the per-step outer products), which at small
+    batches is most of the work: the weights are read once instead of once per step.
+
+    Args:
+      x: float32 [batch, time, inputs] with a static `time`; h0: float32 [batch, units].
+      kernel: [inputs, 3 units]; recurrent_kernel: [units, 3 units]; bias: [2, 3 units] (input and
+        recurrent biases), the layout of `keras.layers.GRU`'s weights.
+
+    Returns:
+      (outputs float32 [batch, time, units], final state float32 [batch, units]).
+    """
+    projected = tf.einsum("bti,ij->btj", x, kernel) + bias[0]
+    h, saved, outputs = h0, [], []
+    for t in range(x.shape[1]):
+        xz, xr, xn = tf.split(projected[:, t], 3, axis=-1)
+        hz, hr, hn = tf.split(tf.matmul(h, recurrent_kernel) + bias[1], 3, axis=-1)
+        z, r = tf.sigmoid(xz + hz), tf.sigmoid(xr + hr)
+        n = tf.tanh(xn + r * hn)
+        saved.append((h, z, r, n, hn))
+        h = z * h + (1.0 - z) * n
+        outputs.append(h)
+
+    def grad(d_outputs, d_final):
+        dh = tf.zeros_like(h0) if d_final is None else d_final
+        d_projected, d_inner = [], []
+        for t in reversed(range(len(saved))):
+            h_prev, z, r, n, hn = saved[t]
+            dh = dh + d_outputs[:, t]
+            dn = dh * (1.0 - z) * (1.0 - n * n)  # through tanh
+            dz = dh * (h_prev - n) * z * (1.0 - z)
+            dr = dn * hn * r * (1.0 - r)
+            d_projected.append(tf.concat([dz, dr, dn], -1))
+            d_inner.append(tf.concat([dz, dr, dn * r], -1))
+            dh = dh * z + tf.matmul(d_inner[-1], recurrent_kernel, transpose_b=True)
+        d_projected = tf.stack(d_projected[::-1], axis=1)  # [batch, time, 3 units]
+        d_inner = tf.stack(d_inner[::-1], axis=1)
+        h_prev = tf.stack([step[0] for step in saved], axis=1)
+        return (
+            tf.einsum("btj,ij->bti", d_projected, kernel),
+            dh,
+            tf.einsum("bti,btj->ij", x, d_projected),
+            tf.einsum("bth,btj->hj", h_prev, d_inner),
+            tf.stack([tf.reduce_sum(d_projected, [0, 1]), tf.reduce_sum(d_inner, [0, 1])]),
+        )
+
+    return (tf.stack(outputs, axis=1), h), grad
+
+
+@keras.saving.register_keras_serializable(package="deepcf")
+class FixedLengthGRU(layers.Layer):
+    """The GRU of `keras.layers.GRU(units, dropout=..., return_sequences=True,
+    return_state=True)` (same weights, layout and results) for inputs of a fixed length, computed
+    by `gru_sequence`. Call: `(x [batch, time, inputs], initial_state=[h0] or None)` ->
+    `(outputs [batch, time, units], final state [batch, units])`. `dropout` drops input features
+    with one mask per sequence, as Keras does.
+    """
+
+    def __init__(self, units: int, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.dropout = units, dropout
+        self.seed_generator = keras.random.SeedGenerator()
+
+    def build(self, input_shape) -> None:
+        three = 3 * self.units
+        self.kernel = self.add_weight((input_shape[-1], three), "glorot_uniform", name="kernel")
+        self.recurrent_kernel = self.add_weight(
+            (self.units, three), "orthogonal", name="recurrent_kernel"
+        )
+        self.bias = self.add_weight((2, three), "zeros", name="bias")
+
+    def call(self, x, initial_state=None, training: bool = False):
+        if training and self.dropout > 0:
+            keep = ops.ones_like(x[:, 0])
+            x = x * keras.random.dropout(keep, self.dropout, seed=self.seed_generator)[:, None]
+        h0 = ops.zeros((ops.shape(x)[0], self.units)) if initial_state is None else initial_state[0]
+        weights = (self.kernel, self.recurrent_kernel, self.bias)
+        return gru_sequence(x, h0, *map(tf.convert_to_tensor, weights))  # reads, not variables
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "units": self.units, "dropout": self.dropout}
 
 
 def run_stack(rnns: list, x, states: list, training: bool = False):
@@ -69,6 +160,20 @@ def masked_cross_entropy(targets, logits, weights, total_weight=None):
 
 
 EVAL_CHUNK = 256  # events scored at once in evaluation: 256 x 9,775 logits = 10 MB
+
+
+def real_events(queries, targets, weights):
+    """The real events (weight > 0) of a window, in order, without the padding.
+
+    Args:
+      queries: float32 [batch, time, dims]; targets: int32 [batch, time]; weights: float32
+        [batch, time], 0 at padding.
+
+    Returns:
+      (queries float32 [events, dims], targets int32 [events], weights float32 [events]).
+    """
+    real = weights > 0
+    return tuple(tf.boolean_mask(t, real) for t in (queries, targets, weights))
 
 
 @keras.saving.register_keras_serializable(package="deepcf")
@@ -229,10 +334,14 @@ class MusicModel(keras.Model):
         else:  # the mean over the real events of the window
             count = replica.all_reduce("sum", ops.sum(weights))
         with tf.GradientTape() as tape:
-            if self.sampler is None:
-                logits = self((tokens, reset), training=True)
-            else:  # column 0: the target, then the negatives
+            if self.sampler is not None:  # column 0: the target, then the negatives
                 logits, targets = self.sampled_logits(tokens, reset, targets)
+            elif self.jit_compile:  # XLA needs static shapes: every position gets logits
+                logits = self((tokens, reset), training=True)
+            else:  # only the real events get logits: padding is ~half of a training window
+                queries = self((tokens, reset), training=True, queries=True)
+                queries, targets, weights = real_events(queries, targets, weights)
+                logits = self.scores(queries)
             per_event, loss = masked_cross_entropy(targets, logits, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
@@ -264,29 +373,22 @@ class MusicModel(keras.Model):
     def test_step(self, data):
         """Full-catalog metrics of the real events only, `EVAL_CHUNK` events at a time.
 
-        Real events are moved to the front and scored in fixed-size chunks until none is left, so
-        padding (often most of a test window) costs no logits, and shapes stay static for XLA.
+        Padding (often most of a test window) is dropped first, so it costs no logits.
         """
         (tokens, reset), targets, weights = data
         queries = self((tokens, reset), training=False, queries=True)
-        size = tf.size(weights)
-        padded = (size + EVAL_CHUNK - 1) // EVAL_CHUNK * EVAL_CHUNK
-        order = tf.argsort(tf.reshape(weights, [-1]), direction="DESCENDING", stable=True)
-        order = tf.pad(order, [[0, padded - size]], constant_values=size)  # a zero-weight row
-        queries = tf.pad(tf.reshape(queries, [size, -1]), [[0, 1], [0, 0]])
-        targets = tf.pad(tf.reshape(targets, [-1]), [[0, 1]])
-        weights = tf.pad(tf.reshape(weights, [-1]), [[0, 1]])
-        real = tf.reduce_sum(tf.cast(weights > 0, tf.int32))
+        queries, targets, weights = real_events(queries, targets, weights)
+        real = tf.size(weights)
 
         def score_chunk(start):
-            rows = order[start : start + EVAL_CHUNK]
-            logits = self.scores(tf.gather(queries, rows))
-            chunk_targets = tf.gather(targets, rows)
+            logits = self.scores(queries[start : start + EVAL_CHUNK])
+            chunk_targets = targets[start : start + EVAL_CHUNK]
             log_probs = -ops.sparse_categorical_crossentropy(
                 chunk_targets, logits, from_logits=True
             )
             ranks = metrics.pessimistic_ranks(logits, chunk_targets)
-            self.ranking.update_state(ranks, log_probs, sample_weight=tf.gather(weights, rows))
+            chunk_weights = weights[start : start + EVAL_CHUNK]
+            self.ranking.update_state(ranks, log_probs, sample_weight=chunk_weights)
             return start + EVAL_CHUNK
 
         tf.while_loop(lambda start: start < real, score_chunk, [tf.constant(0)])
@@ -405,7 +507,7 @@ class AudioFeatureModel(keras.Model):
         self.num_features, self.seq_len, self.pred_steps = num_features, seq_len, pred_steps
         self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
         self.dropout_rate = dropout
-        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout, unroll=True)
+        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
         self.head = layers.Dense(pred_steps * num_features, name="next_features")
 
     def get_config(self) -> dict:

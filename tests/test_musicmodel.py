@@ -100,3 +100,37 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     first = evaluate(model, windows)["loss"]
     model.fit(yes_reader.to_dataset(windows).repeat(40), verbose=0)
     assert evaluate(model, windows)["loss"] < first - 0.5
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fixed_length_gru_matches_keras_gru_and_its_gradients(jit_compile):
+    # FixedLengthGRU writes back-propagation through time out by hand; Keras' GRU, given the same
+    # weights (random biases too, so every gate term counts), is the reference for the outputs,
+    # the final state and the gradients of a loss that reads both (as the next layer does).
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(3)
+    batch, time, inputs, units = 3, 4, 5, 6
+    x, h0 = tf.random.normal((batch, time, inputs)), tf.random.normal((batch, units))
+    w_seq, w_final = tf.random.normal((batch, time, units)), tf.random.normal((batch, units))
+    reference = keras.layers.GRU(units, return_sequences=True, return_state=True)
+    reference.build((batch, time, inputs))
+    reference.cell.bias.assign(tf.random.normal(reference.cell.bias.shape))
+    fused = musicmodel.FixedLengthGRU(units)
+    fused.build((batch, time, inputs))
+    fused.set_weights(reference.get_weights())
+
+    def run(layer):
+        @tf.function(jit_compile=jit_compile)
+        def f(x, h0):
+            with tf.GradientTape() as tape:
+                tape.watch([x, h0])
+                outputs, final = layer(x, initial_state=[h0])
+                loss = tf.reduce_sum(outputs * w_seq) + tf.reduce_sum(final * w_final)
+            return [outputs, final, *tape.gradient(loss, [x, h0, *layer.trainable_variables])]
+
+        return [t.numpy() for t in f(x, h0)]
+
+    for got, want in zip(run(fused), run(reference), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
