@@ -507,7 +507,7 @@ class AudioFeatureModel(keras.Model):
         self.num_features, self.seq_len, self.pred_steps = num_features, seq_len, pred_steps
         self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
         self.dropout_rate = dropout
-        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
+        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout, fixed_length=True)
         self.head = layers.Dense(pred_steps * num_features, name="next_features")
 
     def get_config(self) -> dict:
