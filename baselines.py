@@ -466,12 +466,8 @@ def recommend_blend(
         if name != "rnn":
             probs += weight / total * fitted[name].probabilities(histories)
             continue
-        length = np.array([len(h) for h in histories], np.int32)
-        padded = np.zeros((len(histories), length.max()), np.int32)
-        for row, history in enumerate(histories):
-            padded[row, : len(history)] = history
         serve = musicmodel.serving_function(model, num_songs, exclude_history=False)
-        out = serve(padded, length)  # every song, best first: scatter back to song order
+        out = serve(*yes_reader.pad_histories(histories))  # every song, best first: scatter back
         rnn = np.zeros_like(probs)
         np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
         probs += weight / total * rnn

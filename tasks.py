@@ -226,10 +226,7 @@ class NextSongTask:
             songs = [np.asarray(ids) for _, ids in histories]
             out = baselines.recommend_blend(config, model, songs, config.top_k)
         else:
-            length = np.array([len(ids) for _, ids in histories], np.int32)
-            padded = np.zeros((len(histories), length.max()), np.int32)
-            for row, (_, ids) in enumerate(histories):
-                padded[row, : len(ids)] = ids
+            padded, length = yes_reader.pad_histories([ids for _, ids in histories])
             out = {k: v.numpy() for k, v in recommend(padded, length).items()}
         for row, (label, ids) in enumerate(histories):
             print_recommendations(label, ids, out["song_ids"][row], out["scores"][row], catalog)

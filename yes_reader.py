@@ -208,6 +208,15 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
     ]
 
 
+def pad_histories(histories: list) -> tuple[np.ndarray, np.ndarray]:
+    """Song-id histories as (padded int32 [n, longest], lengths int32 [n]): the serving input."""
+    length = np.array([len(h) for h in histories], np.int32)
+    padded = np.zeros((len(histories), length.max()), np.int32)
+    for row, history in enumerate(histories):
+        padded[row, : len(history)] = history
+    return padded, length
+
+
 def parse_history(text: str, num_songs: int, where: str) -> list[int]:
     """Song ids (0-based) separated by commas and/or spaces, oldest first.
 
