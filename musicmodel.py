@@ -487,8 +487,9 @@ class AudioFeatureModel(keras.Model):
     Call input: float32 [batch, seq_len, num_features] (scaled features, oldest first); output:
     float32 [batch, pred_steps, num_features]. Every window starts from a zero state: windows
     overlap, so there is no state to carry between them. Trained by Keras' own `train_step` with
-    the loss given to `compile_model`. The `seq_len` steps are unrolled and the train step is
-    XLA-compiled: at batch 1 that is 1.7x faster on CPU than the time loop.
+    the loss given to `compile_model`. GRU layers are `FixedLengthGRU`s (LSTM layers unrolled) and
+    the train step is XLA-compiled: at batch 1 a step takes ~13 ms on 2 CPU cores, against ~26 ms
+    with Keras' unrolled GRU and ~90 ms with its time loop.
     """
 
     def __init__(
