@@ -154,9 +154,54 @@ def masked_cross_entropy(targets, logits, weights, total_weight=None):
       (per_event [batch, time], mean over events: sum(weights * ce) / sum(weights)).
     """
     per_event = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    return per_event, weighted_mean(per_event, weights, total_weight)
+
+
+def weighted_mean(per_event, weights, total_weight=None):
+    """sum(weights * per_event) / total_weight (default `sum(weights)`; at least 1)."""
     total_weight = ops.sum(weights) if total_weight is None else total_weight
-    mean = ops.sum(per_event * weights) / ops.maximum(total_weight, 1.0)
-    return per_event, mean
+    return ops.sum(per_event * weights) / ops.maximum(total_weight, 1.0)
+
+
+@tf.custom_gradient
+def softmax_cross_entropy(queries, targets, kernel, bias):
+    """Full-softmax cross-entropy of `queries @ kernel + bias`, with the gradient written out.
+
+    Same loss and gradient as `sparse_categorical_crossentropy` of the logits, in fewer passes
+    over the [events, songs] matrix, which at 9,775 songs is most of a training step: the
+    probabilities come from one oneDNN softmax (TF's fused sparse cross-entropy kernel takes
+    ~8x as long on CPU), the loss of event i is log(sum exp) - logit = -log p[i, target] (its
+    rows recomputed with logsumexp where p underflows), and the backward pass never forms
+    p - onehot: the one-hot part is a scatter of the queries, so the two gradient matmuls read
+    the probabilities as they are.
+
+    Args:
+      queries: float32 [events, dims]; targets: int32 [events] song ids.
+      kernel: float32 [dims, songs]; bias: float32 [songs].
+
+    Returns:
+      float32 [events], the cross-entropy (nats) of each event.
+    """
+    logits = tf.nn.bias_add(tf.matmul(queries, kernel), bias)
+    probs = tf.nn.softmax(logits)
+    target_logit = tf.gather(logits, targets, batch_dims=1)
+    per_event = -tf.math.log(tf.gather(probs, targets, batch_dims=1))
+    far = tf.where(~(per_event < 80.0))  # p < e^-80 or 0: exact rows instead of log(0)
+    exact = tf.reduce_logsumexp(tf.gather_nd(logits, far), -1) - tf.gather_nd(target_logit, far)
+    per_event = tf.tensor_scatter_nd_update(per_event, far, exact)
+
+    def grad(d_event):
+        # d logits = d_event * (p - onehot(target)): both matmuls read p, the one-hot terms
+        # are a gather (d queries) and a scatter (d kernel, d bias) of one row per event.
+        scaled = tf.concat([queries, tf.ones_like(queries[:, :1])], 1) * d_event[:, None]
+        d_kernel_bias = tf.matmul(tf.transpose(scaled), probs) - tf.transpose(
+            tf.math.unsorted_segment_sum(scaled, targets, tf.shape(kernel)[1])
+        )
+        kernel_t = tf.transpose(kernel)
+        d_queries = d_event[:, None] * (tf.matmul(probs, kernel_t) - tf.gather(kernel_t, targets))
+        return d_queries, None, d_kernel_bias[:-1], d_kernel_bias[-1]
+
+    return per_event, grad
 
 
 EVAL_CHUNK = 256  # events scored at once in evaluation: 256 x 9,775 logits = 10 MB
@@ -336,13 +381,18 @@ class MusicModel(keras.Model):
         with tf.GradientTape() as tape:
             if self.sampler is not None:  # column 0: the target, then the negatives
                 logits, targets = self.sampled_logits(tokens, reset, targets)
-            elif self.jit_compile:  # XLA needs static shapes: every position gets logits
-                logits = self((tokens, reset), training=True)
-            else:  # only the real events get logits: padding is ~half of a training window
+                per_event, loss = masked_cross_entropy(targets, logits, weights, count)
+            else:
                 queries = self((tokens, reset), training=True, queries=True)
-                queries, targets, weights = real_events(queries, targets, weights)
-                logits = self.scores(queries)
-            per_event, loss = masked_cross_entropy(targets, logits, weights, count)
+                if self.jit_compile:  # XLA needs static shapes: every position gets logits
+                    queries, targets, weights = (
+                        ops.reshape(t, (-1, *t.shape[2:])) for t in (queries, targets, weights)
+                    )
+                else:  # only the real events get logits: padding is ~half of a training window
+                    queries, targets, weights = real_events(queries, targets, weights)
+                head = map(tf.convert_to_tensor, self.output_layer())  # reads, not variables
+                per_event = softmax_cross_entropy(queries, targets, *head)
+                loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)

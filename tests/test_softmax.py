@@ -65,6 +65,47 @@ def test_xla_and_graph_steps_train_the_same_weights():
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fused_cross_entropy_and_gradients_equal_tensorflows(jit_compile):
+    # The loss and every gradient of softmax_cross_entropy equal TF's sparse softmax
+    # cross-entropy of the same logits, weighted per event as in the train step.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    queries = tf.constant(rng.normal(size=(7, 4)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(4, 9)), tf.float32)
+    bias = tf.constant(rng.normal(size=9), tf.float32)
+    targets = tf.constant([0, 3, 3, 8, 1, 0, 5], tf.int32)
+    weights = tf.constant([1, 1, 0, 1, 1, 1, 0.5], tf.float32)
+
+    @tf.function(jit_compile=jit_compile)
+    def loss_and_grads(fused):
+        with tf.GradientTape() as tape:
+            tape.watch([queries, kernel, bias])
+            if fused:
+                per_event = musicmodel.softmax_cross_entropy(queries, targets, kernel, bias)
+            else:
+                logits = tf.matmul(queries, kernel) + bias
+                per_event = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
+            loss = tf.reduce_sum(per_event * weights) / tf.reduce_sum(weights)
+        return [per_event, *tape.gradient(loss, [queries, kernel, bias])]
+
+    for got, want in zip(loss_and_grads(True), loss_and_grads(False), strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_cross_entropy_of_an_underflowing_probability_is_exact():
+    # logits [0, 100, 0]: p(song 0) = e^-100 / (2 + e^100) underflows float32, so -log p would be
+    # inf; the loss is logsumexp - logit = 100 + log(1 + 2 e^-100) - 0 = 100.0 (to float32).
+    # Song 1's loss is log(1 + 2 e^-100) = 2 e^-100 = 0 in float32.
+    queries = np.array([[1.0], [1.0]], np.float32)
+    kernel = np.array([[0.0, 100.0, 0.0]], np.float32)
+    per_event = musicmodel.softmax_cross_entropy(
+        queries, np.array([0, 1], np.int32), kernel, np.zeros(3, np.float32)
+    )
+    np.testing.assert_allclose(np.asarray(per_event), [100.0, 0.0], atol=1e-6)
+
+
 def test_sampled_logits_worked_by_hand():
     # dims 1: query 2; kernel [1, 2, 3], bias [0, 1, 0], log_q [-1, -2, -3].
     # target 1: 2 * 2 + 1 - (-2) = 7; negatives [0, 1, 2]: 2 + 0 + 1 = 3, (hit: masked), 6 + 3 = 9.
