@@ -131,6 +131,33 @@ def test_fused_adam_takes_keras_adams_steps():
     assert not np.allclose(runs[0][0], start[0])  # the steps did move the weights
 
 
+def test_next_power_of_two():
+    import tensorflow as tf
+
+    n = tf.constant([1, 2, 3, 5, 8, 9, 1000, 1024, 1025])
+    np.testing.assert_array_equal(
+        musicmodel.next_power_of_two(n), [1, 2, 4, 8, 8, 16, 1024, 1024, 2048]
+    )
+
+
+def test_serving_pads_requests_to_buckets_without_changing_them():
+    # 3 histories of width 5 run as 4 rows of 8 songs (XLA shape buckets); each row must equal
+    # the model's own forward pass over that history alone, history songs excluded.
+    import tensorflow as tf
+
+    model = tiny_model()
+    histories = [[3, 0, 7, 2, 9], [5], [1, 1, 4]]
+    padded, length = yes_reader.pad_histories(histories)
+    assert padded.shape == (3, 5)
+    out = musicmodel.serving_function(model, top_k=4, exclude_history=True)(padded, length)
+    for row, history in enumerate(histories):
+        logits, _ = model.forward(np.array([history], np.int32) + 1, model.zero_state(1))
+        probs = tf.nn.softmax(logits[0, -1]).numpy()
+        order = [s for s in np.argsort(-probs, kind="stable") if s not in history][:4]
+        np.testing.assert_array_equal(out["song_ids"][row], order)
+        np.testing.assert_allclose(out["scores"][row], probs[order], rtol=1e-5)
+
+
 def test_sampled_logits_worked_by_hand():
     # dims 1: query 2; kernel [1, 2, 3], bias [0, 1, 0], log_q [-1, -2, -3].
     # target 1: 2 * 2 + 1 - (-2) = 7; negatives [0, 1, 2]: 2 + 0 + 1 = 3, (hit: masked), 6 + 3 = 9.
