@@ -5,18 +5,20 @@
 Training: (a) "plain", the straightforward Keras `model.fit` of the same architecture (Embedding
 -> 2 x LSTM -> Dense softmax, batch 100, 20 steps, Adam, global clipnorm 5), written here, and
 (b) "deepcf", `musicmodel.build_model` + `model.fit` over `yes_reader.to_dataset` windows, as
-`--mode=train` runs it (XLA on, carried state). Both read the same synthetic windows: song ids
-drawn with a Zipf-like popularity skew, no padding, a new playlist every 10 windows. Each
-configuration runs in its own subprocess, so its peak RSS is its own (with --quick, all share
-one process and peak RSS is cumulative); its speed is the lower quartile of the step times after
-warm-up (robust to other processes on a shared machine).
+`--mode=train` runs it (default `--jit_compile`, carried state). Both read the same synthetic
+windows: song ids drawn with a Zipf-like popularity skew, no padding (so deepcf's skipping of
+padding does not help it here), a new playlist every 10 windows. Each configuration runs in
+its own subprocess, so its peak RSS is its own (with --quick, all share one process and peak RSS
+is cumulative); its speed is the lower quartile of the step times after warm-up (robust to other
+processes on a shared machine).
 GFLOP/s come from the analytic count of matrix-multiply work (forward + 2 x backward) and are
 compared with a matmul ceiling measured in the same run.
 
 Evaluation: events/s of the full-catalog `model.evaluate` of `--mode=eval` over the test split
 of data/yes_big (data/yes_small with --quick), after a first warm-up pass. Serving: top-20 after
-one 20-song history through `musicmodel.serving_function` (the `--mode=recommend`/export path),
-one added song from carried state through `musicmodel.step_function`, and batches of histories.
+one 20-song history through `musicmodel.serving_function` (the `--mode=recommend`/export path,
+history songs excluded as by default), one added song from carried state through
+`musicmodel.step_function`, and batches of 1,000 histories.
 Weights are untrained: speed does not depend on their values.
 """
 
@@ -39,6 +41,7 @@ CATALOGS = (3168, 9775, 75262)  # yes_small, yes_big, the full Yes.com catalog
 BATCH, STEPS, EMBED, HIDDEN, LAYERS = 100, 20, 100, 100, 2  # the UCL seed configuration
 NUM_SAMPLED = 1024
 SERVE_TOP_K, HISTORY = 20, 20
+DEFAULTS = config_lib.make_config({})  # what `python deepcf.py --mode=train` runs with
 
 
 def train_flops(catalog: int, softmax: str) -> float:
@@ -164,7 +167,7 @@ def run_train(spec: dict) -> dict:
             softmax=spec["softmax"],
             num_sampled=NUM_SAMPLED,
             song_counts=counts,
-            jit_compile=True,
+            jit_compile=DEFAULTS.jit_compile,
         )
 
         def fit(callbacks):
@@ -197,7 +200,6 @@ def run_eval(spec: dict) -> dict:
     """Events/s of the full-catalog evaluation of `--mode=eval` over a test split."""
     import keras
 
-    import musicmodel
     import yes_reader
 
     keras.utils.set_random_seed(0)
@@ -205,18 +207,7 @@ def run_eval(spec: dict) -> dict:
     test = yes_reader.read_playlists(
         yes_reader.playlist_path(spec["data_dir"], "test"), catalog.size
     )[: spec["playlists"]]
-    model = musicmodel.build_model(
-        num_songs=catalog.size,
-        cell="lstm",
-        num_layers=LAYERS,
-        embedding_size=EMBED,
-        hidden_size=HIDDEN,
-        dropout=0.0,
-        batch_size=BATCH,
-        learning_rate=1e-3,
-        max_grad_norm=5.0,
-        jit_compile=True,
-    )
+    model = seed_model(catalog.size)
     windows = yes_reader.make_windows(test, BATCH, STEPS)
     model.evaluate(yes_reader.to_dataset(windows), verbose=0)  # warm-up: traces and compiles
     start = time.perf_counter()
@@ -252,7 +243,7 @@ def run_serving(spec: dict) -> dict:
     catalog = spec["catalog"]
     model = seed_model(catalog)
     rng = np.random.default_rng(0)
-    recommend = musicmodel.serving_function(model, SERVE_TOP_K, exclude_history=False)
+    recommend = musicmodel.serving_function(model, SERVE_TOP_K, exclude_history=True)
     one = tf.constant(rng.integers(0, catalog, (1, HISTORY)), tf.int32)
     length = tf.constant([HISTORY], tf.int32)
     latency = percentiles_ms(lambda: recommend(one, length)["song_ids"].numpy(), spec["requests"])
