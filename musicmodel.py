@@ -786,6 +786,22 @@ class FusedAdam(keras.optimizers.Adam):
     Under a `tf.distribute` strategy, and with amsgrad, Keras' own update runs.
     """
 
+    def _clip_gradients(self, grads: list) -> list:
+        """Keras' clipping by global norm, with one read of each gradient for the norm and no
+        multiplication when the norm is within the bound (Keras would multiply by 1)."""
+        clip = self.global_clipnorm
+        if not clip or self.clipnorm or self.clipvalue or tf.distribute.has_strategy():
+            return super()._clip_gradients(grads)
+        norm = tf.linalg.global_norm([g for g in grads if g is not None])
+        scale = clip / tf.maximum(norm, clip) + (norm - norm)  # NaN if the norm is not finite
+
+        def clipped(g):
+            if isinstance(g, tf.IndexedSlices):  # an embedding's rows
+                return tf.IndexedSlices(clipped(g.values), g.indices, g.dense_shape)
+            return tf.cond(norm <= clip, lambda: g, lambda: g * scale)
+
+        return [g if g is None else clipped(g) for g in grads]
+
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or tf.distribute.has_strategy():
             return super().update_step(gradient, variable, learning_rate)
