@@ -171,9 +171,9 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     over the [events, songs] matrix, which at 9,775 songs is most of a training step: the
     probabilities come from one oneDNN softmax (TF's fused sparse cross-entropy kernel takes
     ~8x as long on CPU), the loss of event i is log(sum exp) - logit = -log p[i, target] (its
-    rows recomputed with logsumexp where p underflows), and the backward pass never forms
-    p - onehot: the one-hot part is a scatter of the queries, so the two gradient matmuls read
-    the probabilities as they are.
+    rows recomputed with logsumexp where p underflows), the bias is a row of the matmul (no
+    pass of its own), and the backward pass never forms p - onehot: the one-hot part is a
+    scatter of the queries, so the two gradient matmuls read the probabilities as they are.
 
     Args:
       queries: float32 [events, dims]; targets: int32 [events] song ids.
@@ -182,7 +182,8 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     Returns:
       float32 [events], the cross-entropy (nats) of each event.
     """
-    logits = tf.nn.bias_add(tf.matmul(queries, kernel), bias)
+    augmented = tf.concat([queries, tf.ones_like(queries[:, :1])], 1)  # the bias rides along
+    logits = tf.matmul(augmented, tf.concat([kernel, bias[None]], 0))
     probs = tf.nn.softmax(logits)
     target_logit = tf.gather(logits, targets, batch_dims=1)
     per_event = -tf.math.log(tf.gather(probs, targets, batch_dims=1))
@@ -193,7 +194,7 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     def grad(d_event):
         # d logits = d_event * (p - onehot(target)): both matmuls read p, the one-hot terms
         # are a gather (d queries) and a scatter (d kernel, d bias) of one row per event.
-        scaled = tf.concat([queries, tf.ones_like(queries[:, :1])], 1) * d_event[:, None]
+        scaled = augmented * d_event[:, None]
         d_kernel_bias = tf.matmul(tf.transpose(scaled), probs) - tf.transpose(
             tf.math.unsorted_segment_sum(scaled, targets, tf.shape(kernel)[1])
         )
