@@ -391,8 +391,8 @@ class MusicModel(keras.Model):
                     )
                 else:  # only the real events get logits: padding is ~half of a training window
                     queries, targets, weights = real_events(queries, targets, weights)
-                head = map(tf.convert_to_tensor, self.output_layer())  # reads, not variables
-                per_event = softmax_cross_entropy(queries, targets, *head)
+                kernel, bias = map(tf.convert_to_tensor, self.output_layer())  # reads
+                per_event = softmax_cross_entropy(queries, targets, kernel, bias)
                 loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
