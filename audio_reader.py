@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from yes_reader import DataError
+from errors import DataError
 
 FEATURES = tuple(
     "danceability energy key loudness mode speechiness acousticness instrumentalness liveness "

@@ -32,11 +32,11 @@ import hitrate
 import hooks
 import modeltrainer
 import musicmodel
+import rundir
+from errors import ConfigError
 
 MONTHS_DIR = "months"
 PROTOCOLS = ("window", "open_catalog")
-MODEL_FLAGS = ("seq_len", "pred_steps", "cell", "num_layers", "hidden_size", "dropout")
-MODEL_FLAGS += ("learning_rate", "max_grad_norm", "loss")
 CHARTS = {"window": "hit_rate.png", "open_catalog": "hit_rate_open_catalog.png"}
 
 
@@ -94,22 +94,17 @@ class AudioFeaturesTask:
 
     name = "audio_features"
 
-    def _build(self, config: config_lib.Config, num_features: int) -> keras.Model:
-        """A compiled `AudioFeatureModel`; its arguments are the flags of the same names."""
-        args = {name: getattr(config, name) for name in MODEL_FLAGS}
-        return musicmodel.build_audio_model(num_features=num_features, **args)
-
     def train(self, config: config_lib.Config) -> None:
         keras.utils.set_random_seed(config.seed)
         data, splits, z = load_data(config)
         dynamic = audio_reader.dynamic_train(splits, config.seq_len, config.pred_steps, config.seed)
-        config_lib.make_model_dir(config.model_dir)
+        rundir.make_model_dir(config.model_dir)
         files = audio_reader.expand(config.paths("listening_log"))
         files += audio_reader.expand(config.paths("features"))
         windows = {s.month: len(w) for s, w in zip(splits, dynamic, strict=True)}
         extra = {"plays": len(data.songs), "songs": len(data.names), "train_windows": windows}
-        config_lib.write_run_config(config, files, extra)
-        model = self._build(config, z.shape[1])
+        rundir.write_run_config(config, files, extra)
+        model = musicmodel.build_audio_model(config, z.shape[1])
         fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
         for split, index in zip(splits, dynamic, strict=True):
             model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
@@ -137,7 +132,7 @@ class AudioFeaturesTask:
         model = modeltrainer.load_model(month_dir(config, month))
         shape = (model.seq_len, model.pred_steps, model.num_features)
         if shape != (config.seq_len, config.pred_steps, num_features):
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"--model_dir={config.model_dir}: the models read {model.seq_len} and predict "
                 f"{model.pred_steps} vectors of {model.num_features} features; give the "
                 f"--seq_len and --pred_steps they were trained with"
@@ -187,9 +182,15 @@ class AudioFeaturesTask:
             {p: os.path.join(config.model_dir, CHARTS[p]) for p in PROTOCOLS},
         )
         path = os.path.join(config.model_dir, "hit_rate.json")
-        config_lib.write_json_atomic(path, payload)
+        rundir.write_json_atomic(path, payload)
         logging.info("wrote %s", path)
         return payload
+
+    def recommend(self, config: config_lib.Config) -> list[dict]:
+        raise ConfigError(f"--mode=recommend: not available for --task={self.name}")
+
+    def export(self, config: config_lib.Config) -> str:
+        raise ConfigError(f"--mode=export: not available for --task={self.name}")
 
 
 def write_summaries(log_dir: str, results: dict, charts: dict[str, str]) -> None:

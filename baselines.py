@@ -24,7 +24,9 @@ from keras import ops
 
 import config as config_lib
 import metrics
+import serving
 import yes_reader
+from errors import ConfigError, DataError
 
 SKNN_NEIGHBOURS = 100  # k of V-SKNN (Ludewig & Jannach 2018)
 SKNN_CANDIDATES = 1000  # most recent playlists sharing a song with the history (their sample_size)
@@ -140,7 +142,7 @@ class Markov:
             return
         pairs = transition_counts(valid, num_songs).tocoo()
         if not pairs.nnz:
-            raise yes_reader.DataError("markov: the validation split has no events to tune β on")
+            raise DataError("markov: the validation split has no events to tune β on")
         a, j, times = pairs.row, pairs.col, pairs.data
         n_aj = np.asarray(self.transitions[a, j]).ravel()
         lls = [np.sum(times * np.log(self._p(a, j, n_aj, b))) / times.sum() for b in BETAS]
@@ -360,7 +362,7 @@ def evaluate_blends(
     weights = np.array([[blend[name] for name in names] for blend in blends], np.float32)
     weights /= weights.sum(axis=1, keepdims=True)
     for targets, stack in component_chunks(names, fitted, model, windows):
-        stack = ops.convert_to_tensor(stack)  # blending in the backend is ~5x faster than numpy
+        stack = ops.convert_to_tensor(stack)  # faster than numpy (docs/results.md)
         for ranking, row in zip(rankings, weights, strict=True):
             blended = ops.tensordot(row, stack, axes=1)
             ranks = metrics.pessimistic_ranks(blended, targets)
@@ -432,7 +434,7 @@ def chosen_weights(config: config_lib.Config) -> dict[str, float]:
         with open(path) as f:
             weights = json.load(f).get("blend", {}).get("weights", {})
     if set(weights) != set(blend):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--blend={config.blend}: no weights given and {path} holds none chosen for these "
             "components; run --mode=eval with this --blend first, or give the weights"
         )
@@ -453,7 +455,6 @@ def recommend_blend(
       {"song_ids": int [histories, top_k] best first, "scores": float [histories, top_k] the
       blended probability}; with --exclude_history, songs of the history come last (score -1).
     """
-    import musicmodel  # TensorFlow only where the model is used
 
     weights = chosen_weights(config)
     fitted = fit(
@@ -466,7 +467,7 @@ def recommend_blend(
         if name != "rnn":
             probs += weight / total * fitted[name].probabilities(histories)
             continue
-        serve = musicmodel.serving_function(model, num_songs, exclude_history=False)
+        serve = serving.serving_function(model, num_songs, exclude_history=False)
         out = serve(*yes_reader.pad_histories(histories))  # every song, best first: scatter back
         rnn = np.zeros_like(probs)
         np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)

@@ -14,8 +14,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-import config as config_lib
 import yes_reader
+from errors import ConfigError
 
 DISTRIBUTED = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
 
@@ -37,7 +37,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     except (ValueError, KeyError, TypeError):
         ok = False
     if not ok:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--strategy={name}: the TF_CONFIG environment variable must hold the cluster and "
             f'this task, e.g. {{"cluster": {{"worker": ["host:port", ...]}}, '
             f'"task": {{"type": "worker", "index": 0}}}}; got {raw!r}'
@@ -89,7 +89,7 @@ def check_batch_size(strategy: tf.distribute.Strategy, batch_size: int) -> int:
     """The per-replica batch size; raises ConfigError naming --batch_size if it does not divide."""
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"--batch_size={batch_size}: the global batch must split evenly over the "
             f"{replicas} replicas of --strategy"
         )

@@ -1,20 +1,18 @@
 """The one frozen run configuration, its per-task defaults and validation (no TensorFlow here).
 
 Each field is also a command-line flag of the same name (`deepcf.py` builds the flags from the
-field metadata), so `--hidden_size` = `Config.hidden_size` = `build_model(hidden_size=...)`.
+field metadata), so `--hidden_size` = `Config.hidden_size` = `MusicModel(hidden_size=...)`.
+Beside each field stand its group in `--help`, its bound or choices, and the tasks that read it:
+a flag given for a task that does not read it is refused (`make_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.metadata
-import json
 import math
-import os
-import platform
-import tempfile
 from typing import Any
+
+from errors import ConfigError
 
 TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
@@ -23,7 +21,6 @@ STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
 AUDIO_LOSSES = ("mse", "smooth_l1")
 STANDARDIZE = ("train", "global")
 HOLDOUTS = ("test", "validation")
-LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
 _HARRY = "data/harry2687-spotify-2023"
 # Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
 # the GRU report's chapter 3 settings (2 GRU layers of 512 units, Adam 0.01, batch 1, 5 epochs
@@ -45,12 +42,41 @@ BASELINES = ("popularity", "markov", "sknn", "sknn_history_last")  # see baselin
 BLEND_COMPONENTS = ("rnn", *BASELINES)
 
 
-class ConfigError(ValueError):
-    """A setting is out of range; the message names the flag."""
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A numeric range: `low` (excluded if `low_open`) up to `high` (excluded), if given."""
+
+    low: float
+    low_open: bool = False
+    high: float | None = None
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low:g}, {self.high:g})"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
 
 
-def _field(default: Any, group: str, help: str, **choices: Any) -> Any:
-    return dataclasses.field(default=default, metadata={"group": group, "help": help, **choices})
+POSITIVE, NON_NEGATIVE, FRACTION = Bound(0, low_open=True), Bound(0), Bound(0, high=1)
+NEXT_SONG, AUDIO = ("next_song",), ("audio_features",)
+
+
+def _field(
+    default: Any,
+    group: str,
+    help: str,
+    *,
+    tasks: tuple[str, ...] = TASK_NAMES,
+    bound: Bound | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A Config field with its `--help` group and text, the tasks that read it, and its bound
+    or choices (checked in `Config.__post_init__`, shown in `--help`)."""
+    metadata = {"group": group, "help": help, "tasks": tasks, "bound": bound, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,42 +96,74 @@ class Config:
         "data",
         "Directory with song_hash.txt and train/test playlists as Yes.com .txt or .csv files "
         "(docs/data_format.md).",
+        tasks=NEXT_SONG,
     )
     model_dir: str = _field(
         "runs/next_song", "data", "Where checkpoints, TensorBoard logs and results go."
     )
     valid_fraction: float = _field(
-        0.1, "data", "Share of train.txt playlists held out for validation (seeded)."
+        0.1,
+        "data",
+        "Share of train.txt playlists held out for validation (seeded).",
+        tasks=NEXT_SONG,
+        bound=FRACTION,
     )
     cell: str = _field("lstm", "model", "Recurrent cell.", choices=CELLS)
-    num_layers: int = _field(2, "model", "Stacked recurrent layers (UCL report: 2).")
-    embedding_size: int = _field(100, "model", "Song embedding size (UCL report: 100).")
-    hidden_size: int = _field(100, "model", "Recurrent state size (UCL report: 100).")
-    dropout: float = _field(0.0, "model", "Dropout on embeddings and between layers.")
+    num_layers: int = _field(
+        2, "model", "Stacked recurrent layers (UCL report: 2).", bound=POSITIVE
+    )
+    embedding_size: int = _field(
+        100, "model", "Song embedding size (UCL report: 100).", tasks=NEXT_SONG, bound=POSITIVE
+    )
+    hidden_size: int = _field(
+        100, "model", "Recurrent state size (UCL report: 100).", bound=POSITIVE
+    )
+    dropout: float = _field(
+        0.0, "model", "Dropout on embeddings and between layers.", bound=FRACTION
+    )
     tie_embeddings: bool = _field(
-        False, "model", "Score songs with their input embeddings (weight tying, Press & Wolf 2017)."
+        False,
+        "model",
+        "Score songs with their input embeddings (weight tying, Press & Wolf 2017).",
+        tasks=NEXT_SONG,
     )
-    batch_size: int = _field(100, "training", "Playlists per batch (UCL report: 100).")
+    batch_size: int = _field(
+        100, "training", "Playlists per batch (UCL report: 100).", bound=POSITIVE
+    )
     num_steps: int = _field(
-        20, "training", "Unrolled steps per window; state is carried across windows (UCL: 20)."
+        20,
+        "training",
+        "Unrolled steps per window; state is carried across windows (UCL: 20).",
+        tasks=NEXT_SONG,
+        bound=POSITIVE,
     )
-    learning_rate: float = _field(1e-3, "training", "Adam learning rate.")
-    max_grad_norm: float = _field(5.0, "training", "Clip gradients to this global norm (UCL: 5).")
-    num_epochs: int = _field(10, "training", "Passes over the training playlists.")
+    learning_rate: float = _field(1e-3, "training", "Adam learning rate.", bound=POSITIVE)
+    max_grad_norm: float = _field(
+        5.0, "training", "Clip gradients to this global norm (UCL: 5).", bound=POSITIVE
+    )
+    num_epochs: int = _field(10, "training", "Passes over the training playlists.", bound=POSITIVE)
     softmax: str = _field(
         "full",
         "training",
         "Training loss over the catalog: full softmax, or sampled (--num_sampled negatives per "
         "window, drawn by training popularity, logQ-corrected); evaluation scores all songs.",
         choices=SOFTMAXES,
+        tasks=NEXT_SONG,
     )
-    num_sampled: int = _field(1024, "training", "Negatives per window with --softmax=sampled.")
+    num_sampled: int = _field(
+        1024,
+        "training",
+        "Negatives per window with --softmax=sampled.",
+        tasks=NEXT_SONG,
+        bound=POSITIVE,
+    )
     jit_compile: bool = _field(
         False,
         "training",
         "XLA-compile the next-song training step (same loss). XLA needs static shapes, so it "
         "scores every position, padding too; without it only real events get logits, which is "
         "faster on real playlists (about half of a training window is padding).",
+        tasks=NEXT_SONG,
     )
     loss_weighting: str = _field(
         "window",
@@ -113,18 +171,28 @@ class Config:
         "window: mean loss of each window's real events; event: every event of an epoch weighs "
         "the same (sum / (batch_size x num_steps)).",
         choices=LOSS_WEIGHTINGS,
+        tasks=NEXT_SONG,
     )
     early_stopping_patience: int = _field(
         0,
         "training",
         "Stop after N epochs without a better validation MRR@20 and keep the best weights "
         "(0: off).",
+        tasks=NEXT_SONG,
+        bound=NON_NEGATIVE,
     )
     reduce_lr_patience: int = _field(
-        0, "training", "Halve the learning rate after N epochs without a better validation MRR@20."
+        0,
+        "training",
+        "Halve the learning rate after N epochs without a better validation MRR@20.",
+        tasks=NEXT_SONG,
+        bound=NON_NEGATIVE,
     )
     checkpoint_every_steps: int = _field(
-        0, "training", "Also checkpoint every N steps (0: only at epoch ends)."
+        0,
+        "training",
+        "Also checkpoint every N steps (0: only at epoch ends).",
+        bound=NON_NEGATIVE,
     )
     seed: int = _field(0, "training", "Seed for the validation split, data order and weights.")
     strategy: str = _field(
@@ -134,11 +202,13 @@ class Config:
         "multi_worker (the cluster in the TF_CONFIG environment variable); --batch_size is the "
         "global batch, split evenly over the replicas. See docs/scaling.md.",
         choices=STRATEGIES,
+        tasks=NEXT_SONG,
     )
     baselines: str = _field(
         "",
         "evaluation",
         f"Comma-separated baselines scored with the model in --mode=eval: {', '.join(BASELINES)}.",
+        tasks=NEXT_SONG,
     )
     blend: str = _field(
         "",
@@ -147,24 +217,40 @@ class Config:
         "a weighted sum of per-event probabilities; names without weights (rnn,markov,sknn): eval "
         "chooses the weights on the validation split and records them in metrics.json, where "
         "recommend reads them.",
+        tasks=NEXT_SONG,
     )
-    top_k: int = _field(10, "serving", "Songs returned by --mode=recommend and the export.")
+    top_k: int = _field(
+        10,
+        "serving",
+        "Songs returned by --mode=recommend and the export.",
+        tasks=NEXT_SONG,
+        bound=POSITIVE,
+    )
     history: str = _field(
-        "", "serving", "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first."
+        "",
+        "serving",
+        "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first.",
+        tasks=NEXT_SONG,
     )
     history_file: str = _field(
         "",
         "serving",
         "--mode=recommend: a file with one history per line (song ids separated by spaces or "
         "commas); recommends for each line.",
+        tasks=NEXT_SONG,
     )
     exclude_history: bool = _field(
-        True, "serving", "Never recommend a song that is already in the history."
+        True,
+        "serving",
+        "Never recommend a song that is already in the history.",
+        tasks=NEXT_SONG,
     )
     export_version: int = _field(
         0,
         "serving",
         "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",
+        tasks=NEXT_SONG,
+        bound=NON_NEGATIVE,
     )
 
     listening_log: str = _field(
@@ -172,16 +258,29 @@ class Config:
         "audio",
         "Listening log file(s) or glob(s), comma-separated: Spotify .json or .csv history, "
         "Last.fm-1K .tsv.",
+        tasks=AUDIO,
     )
     features: str = _field(
-        "", "audio", "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins."
+        "",
+        "audio",
+        "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins.",
+        tasks=AUDIO,
     )
-    user: str = _field("", "audio", "Last.fm-1K user id to keep (needed if the log has several).")
+    user: str = _field(
+        "", "audio", "Last.fm-1K user id to keep (needed if the log has several).", tasks=AUDIO
+    )
     min_ms_played: int = _field(
-        30_000, "audio", "Plays shorter than this (ms) are skips and dropped (logs with msPlayed)."
+        30_000,
+        "audio",
+        "Plays shorter than this (ms) are skips and dropped (logs with msPlayed).",
+        tasks=AUDIO,
+        bound=NON_NEGATIVE,
     )
     english_only: bool = _field(
-        False, "audio", "Drop plays whose title has non-Latin letters (the GRU report's cleaning)."
+        False,
+        "audio",
+        "Drop plays whose title has non-Latin letters (the GRU report's cleaning).",
+        tasks=AUDIO,
     )
     standardize: str = _field(
         "train",
@@ -189,16 +288,35 @@ class Config:
         "Fit the feature z-scores on the training plays only (train), or on all plays as the "
         "report did (global; test months leak into the scaling).",
         choices=STANDARDIZE,
+        tasks=AUDIO,
     )
-    seq_len: int = _field(10, "audio", "Feature vectors the model reads (GRU report: 10).")
+    seq_len: int = _field(
+        10,
+        "audio",
+        "Feature vectors the model reads (GRU report: 10).",
+        tasks=AUDIO,
+        bound=POSITIVE,
+    )
     pred_steps: int = _field(
-        5, "audio", "Feature vectors it predicts = songs recommended (GRU report: 5)."
+        5,
+        "audio",
+        "Feature vectors it predicts = songs recommended (GRU report: 5).",
+        tasks=AUDIO,
+        bound=POSITIVE,
     )
     loss: str = _field(
-        "mse", "audio", "Regression loss (report: MSE, then Smooth L1).", choices=AUDIO_LOSSES
+        "mse",
+        "audio",
+        "Regression loss (report: MSE, then Smooth L1).",
+        choices=AUDIO_LOSSES,
+        tasks=AUDIO,
     )
     bar: int = _field(
-        20, "audio", "Hit rate: the candidate window grows to the BAR most recent test plays."
+        20,
+        "audio",
+        "Hit rate: the candidate window grows to the BAR most recent test plays.",
+        tasks=AUDIO,
+        bound=POSITIVE,
     )
     holdout: str = _field(
         "test",
@@ -206,44 +324,31 @@ class Config:
         "test: score each month's last 20 %; validation: leave those plays out and split each "
         "month's training plays 80/20 again, to choose settings without the test plays.",
         choices=HOLDOUTS,
+        tasks=AUDIO,
     )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            choices = f.metadata.get("choices")
+            value, choices, bound = (
+                getattr(self, f.name),
+                f.metadata["choices"],
+                f.metadata["bound"],
+            )
             if choices and value not in choices:
                 raise ConfigError(f"--{f.name}={value!r}: must be one of {', '.join(choices)}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name}={value}: must be a finite number")
-        positive = ("num_layers", "embedding_size", "hidden_size", "batch_size", "num_steps")
-        positive += ("learning_rate", "max_grad_norm", "num_epochs", "seq_len", "pred_steps", "bar")
-        positive += ("num_sampled",)
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name}={getattr(self, name)}: must be > 0")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout={self.dropout}: must be in [0, 1)")
-        if not 0.0 <= self.valid_fraction < 1.0:
-            raise ConfigError(f"--valid_fraction={self.valid_fraction}: must be in [0, 1)")
-        for name in ("checkpoint_every_steps", "early_stopping_patience", "reduce_lr_patience"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0")
+            if bound and not bound.holds(value):
+                raise ConfigError(f"--{f.name}={value}: must be {bound}")
         if (self.early_stopping_patience or self.reduce_lr_patience) and not self.valid_fraction:
             raise ConfigError(
                 "--early_stopping_patience/--reduce_lr_patience need a validation split: "
                 "set --valid_fraction > 0"
             )
-        if self.min_ms_played < 0:
-            raise ConfigError(f"--min_ms_played={self.min_ms_played}: must be >= 0")
         if self.task == "audio_features":
             for name in ("listening_log", "features"):
                 if not self.paths(name):
                     raise ConfigError(f"--{name}: --task=audio_features needs at least one file")
-        if self.top_k <= 0:
-            raise ConfigError(f"--top_k={self.top_k}: must be > 0")
-        if self.export_version < 0:
-            raise ConfigError(f"--export_version={self.export_version}: must be >= 0")
         if self.history and self.history_file:
             raise ConfigError("--history and --history_file: give only one of them")
         for name in self.baseline_names:
@@ -311,64 +416,28 @@ def fields_by_group() -> dict[str, list[dataclasses.Field]]:
     return groups
 
 
+def flag_help(field: dataclasses.Field) -> str:
+    """The `--help` text of a field's flag: its help, bound and (if not all) the tasks using it."""
+    text = field.metadata["help"]
+    if field.metadata["bound"]:
+        text += f" Must be {field.metadata['bound']}."
+    if field.metadata["tasks"] != TASK_NAMES:
+        text += f" Only for --task={'|'.join(field.metadata['tasks'])}."
+    return text
+
+
 def make_config(given: dict[str, Any]) -> Config:
-    """The defaults of the task (`TASK_DEFAULTS`), overridden only by the settings given."""
+    """The defaults of the task (`TASK_DEFAULTS`), overridden only by the settings given.
+
+    Raises:
+      ConfigError naming the flag and the task if a setting is given that the task does not read
+        (e.g. `--baselines` for audio_features), or if a value is out of bounds.
+    """
     task = given.get("task", Config.task)
-    return dataclasses.replace(Config(task=task, **TASK_DEFAULTS.get(task, {})), **given)
-
-
-def _md5(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.md5(f.read()).hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def write_run_config(config: Config, data_files: list[str], extra: dict) -> None:
-    """Writes `model_dir/config.json`: all settings, data md5s, library versions."""
-    payload = {
-        "config": config.to_json(),
-        "data_md5": {path: _md5(path) for path in data_files},
-        "versions": _versions(),
-        **extra,
-    }
-    write_json_atomic(os.path.join(config.model_dir, "config.json"), payload)
-
-
-def make_model_dir(model_dir: str) -> None:
-    """Creates `model_dir` or fails with a message naming it and the flag."""
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-        probe = os.path.join(model_dir, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise ConfigError(f"--model_dir={model_dir}: not writable ({e.strerror})") from None
-
-
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Writes JSON to a temporary file in the same directory, then renames it over `path`."""
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to a temporary file in the same directory, then renames it over `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    defaults = Config(task=task, **TASK_DEFAULTS.get(task, {}))
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in given:
+        if task not in fields[name].metadata["tasks"]:
+            users = ", ".join(fields[name].metadata["tasks"])
+            raise ConfigError(f"--{name}: not used by --task={task} (only by --task={users})")
+    return dataclasses.replace(defaults, **given)

@@ -12,21 +12,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
 
 import config as config_lib
+import errors
 
-_MODES = {  # --mode -> the task method it runs
-    "train": "train",
-    "eval": "evaluate",
-    "recommend": "recommend",
-    "export": "export",
-}
+if TYPE_CHECKING:  # tasks imports TensorFlow: only after the flags are checked
+    import tasks
+
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    list(_MODES),
+    ["train", "eval", "recommend", "export"],
     "train: fit and save model_dir/model.keras; eval: test-set metrics to metrics.json; "
     "recommend: the --top_k next songs after --history or --history_file; export: a SavedModel "
     "for TensorFlow Serving in model_dir/export/<version>/.",
@@ -38,8 +37,8 @@ flags.FLAGS.register_key_flag_for_module("deepcf", flags.FLAGS["verbosity"])
 def _define(field: dataclasses.Field) -> flags.FlagHolder:
     """Defines the flag for one Config field, listed in --help under `deepcf.<group>`."""
     module = f"deepcf.{field.metadata['group']}"
-    help_text = field.metadata["help"]
-    if "choices" in field.metadata:
+    help_text = config_lib.flag_help(field)
+    if field.metadata["choices"]:
         choices = list(field.metadata["choices"])
         return flags.DEFINE_enum(field.name, field.default, choices, help_text, module_name=module)
     define = {
@@ -97,30 +96,36 @@ def _error(e: Exception) -> int:
     return 2
 
 
+def run_mode(task: tasks.Task, mode: str, config: config_lib.Config) -> None:
+    """Runs the Task method of `--mode` (train, eval, recommend, export) with `config`."""
+    methods = {
+        "train": task.train,
+        "eval": task.evaluate,
+        "recommend": task.recommend,
+        "export": task.export,
+    }
+    methods[mode](config)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         config = config_from_flags()  # before the slow TensorFlow import: bad flags fail at once
-    except config_lib.ConfigError as e:
+    except errors.ConfigError as e:
         return _error(e)
     import tasks
 
     try:
-        run_mode = getattr(tasks.TASKS[config.task], _MODES[_MODE.value], None)
-        if run_mode is None:
-            raise config_lib.ConfigError(
-                f"--mode={_MODE.value}: not available for --task={config.task}"
-            )
-        run_mode(config)
+        run_mode(tasks.TASKS[config.task], _MODE.value, config)
     except (
-        config_lib.ConfigError,
-        tasks.yes_reader.DataError,
-        tasks.modeltrainer.ModelError,
+        errors.ConfigError,
+        errors.DataError,
+        errors.ModelError,
         OSError,  # e.g. disk full or permission denied; the message names the path
     ) as e:
         return _error(e)
-    except tasks.hooks.TrainingError as e:
+    except errors.TrainingError as e:
         print(f"deepcf: training stopped: {e}", file=sys.stderr)
         return 3
     return 0

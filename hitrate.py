@@ -26,11 +26,11 @@ the most recent candidate, which does not look at the truth.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 
 import numpy as np
+
+import rundir
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 METHODS = ("model", "model_single", "recent", "frequent", "random", "ceiling")
@@ -310,15 +310,8 @@ def plot_hit_rate(results: dict, path: str, protocol: str = "window", title: str
     rate.legend(handles, labels, loc="upper left", fontsize="small", ncol=2)
     ax.set_title(title or f"hit rate per month ({protocol})")
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with rundir.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)

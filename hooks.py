@@ -17,7 +17,8 @@ from absl import logging
 from google.protobuf import text_format
 from tensorboard.plugins import projector
 
-import config as config_lib
+import rundir
+from errors import TrainingError
 
 VALIDATION_KEYS = ("loss", "perplexity", "recall@20", "mrr@20")
 PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays short
@@ -26,10 +27,6 @@ PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays sh
 def global_step(model: keras.Model) -> int:
     """The optimizer's step counter (`.numpy()`: under a strategy it is a mirrored variable)."""
     return int(model.optimizer.iterations.numpy())
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss is not finite)."""
 
 
 class LossHook(keras.callbacks.Callback):
@@ -207,12 +204,12 @@ class EmbeddingProjectorHook(keras.callbacks.Callback):
 
         lines = [self._columns, *self._rows]
         tsv = "".join("\t".join(map(clean, line)) + "\n" for line in lines)
-        config_lib.write_text_atomic(os.path.join(self._log_dir, "metadata.tsv"), tsv)
+        rundir.write_text_atomic(os.path.join(self._log_dir, "metadata.tsv"), tsv)
         config = projector.ProjectorConfig()
         embedding = config.embeddings.add()
         embedding.tensor_name = "embedding/.ATTRIBUTES/VARIABLE_VALUE"
         embedding.metadata_path = "metadata.tsv"
-        config_lib.write_text_atomic(
+        rundir.write_text_atomic(
             os.path.join(self._log_dir, "projector_config.pbtxt"),
             text_format.MessageToString(config),
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 
@@ -20,15 +19,13 @@ from absl import logging
 
 import cluster
 import hooks
+import rundir
+from errors import ModelError
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 EXPORT_DIR = "export"
-
-
-class ModelError(ValueError):
-    """A saved model or checkpoint cannot be used; the message names the path."""
 
 
 class Trainer:
@@ -190,14 +187,8 @@ class Trainer:
     def save(self) -> str:
         """Saves the model to `model_dir/model.keras` via a temporary file and a rename."""
         path = os.path.join(self.write_dir, self.model_file)
-        fd, tmp = tempfile.mkstemp(dir=self.write_dir, prefix=".tmp-", suffix=".keras")
-        os.close(fd)
-        try:
+        with rundir.atomic_path(path) as tmp:
             self.model.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
         logging.info("saved %s", path)
         return path
 
@@ -240,12 +231,7 @@ def export_saved_model(
     archive.track(model)
     for name, fn in endpoints.items():
         archive.add_endpoint(name, fn)
-    tmp = tempfile.mkdtemp(dir=export_dir, prefix=".tmp-")
-    try:
+    with rundir.atomic_path(path, directory=True) as tmp:
         archive.write_out(tmp, verbose=False)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logging.info("exported %s", path)
     return path

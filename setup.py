@@ -16,15 +16,22 @@ setup(
         "hooks",
         "metrics",
         "tasks",
+        "next_song_task",
+        "audio_task",
         "baselines",
         "audio_reader",
         "hitrate",
-        "audio_task",
         "cluster",
+        "errors",
+        "rundir",
+        "kernels",
+        "serving",
     ],
     install_requires=[
         "tensorflow>=2.16",
-        "keras>=3.3",
+        # kernels.FusedAdam overrides private Adam methods (_clip_gradients, _momentums, ...):
+        # only the Keras releases it is tested on (tests/test_softmax.py checks that API).
+        "keras>=3.15,<3.16",
         "numpy",
         "scipy",  # sparse matrices for the vectorised Markov and session-kNN baselines
         "pandas",

@@ -1,251 +1,37 @@
-"""The recommenders deepcf can run, each with its own data, model, metrics and report.
+"""The recommenders deepcf can run: the `Task` protocol and the `TASKS` registry.
 
-They share the trainer, hooks, config and CLI; `TASKS[name].train(config)`, `.evaluate(config)`,
-`.recommend(config)` and `.export(config)` are what `deepcf.py` calls.
+Each task owns its data, model, metrics and report, and shares the trainer (`modeltrainer`),
+hooks, config and CLI. `deepcf.py` runs `TASKS[--task]`'s method of `--mode`.
 """
 
 from __future__ import annotations
 
-import os
-
-import keras
-import numpy as np
-from absl import logging
+from typing import Protocol, runtime_checkable
 
 import audio_task
-import baselines
-import cluster
 import config as config_lib
-import hooks
-import metrics
-import modeltrainer
-import musicmodel
-import yes_reader
+import next_song_task
 
 
-def evaluate_windows(model: keras.Model, windows: yes_reader.Windows) -> dict:
-    """Full-catalog metrics of the model over every event of `windows` (see `metrics.py`)."""
-    dataset = cluster.distribute(model.distribute_strategy, windows)
-    return model.evaluate(dataset, verbose=0, return_dict=True, callbacks=[hooks.ProgressHook()])
+@runtime_checkable
+class Task(Protocol):
+    """What `deepcf.py` calls; a mode a task cannot run raises `errors.ConfigError`."""
 
-
-def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 100, 500)) -> None:
-    """Prints one row of metrics per method."""
-    width = max([12, *map(len, rows)])
-    head = ["method".ljust(width)] + [f"R@{k}".rjust(7) for k in top_ks]
-    print("  ".join(head + [h.rjust(7) for h in ("MRR@20", "NDCG@20", "LL")]))
-    for name, r in rows.items():
-        cells = [f"{r['recall'][str(k)]:.4f}" for k in top_ks]
-        cells += [f"{r['mrr']['20']:.4f}", f"{r['ndcg']['20']:.4f}"]
-        cells.append("-" if r["log_likelihood"] is None else f"{r['log_likelihood']:.3f}")
-        print("  ".join([name.ljust(width)] + [c.rjust(7) for c in cells]))
-
-
-def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callback]:
-    """Keras' ReduceLROnPlateau and EarlyStopping (best weights kept) on validation MRR@20."""
-    watch = dict(monitor="val_mrr@20", mode="max", verbose=1)
-    out: list[keras.callbacks.Callback] = []
-    if config.reduce_lr_patience:
-        patience = config.reduce_lr_patience
-        out.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=patience, **watch))
-    if config.early_stopping_patience:
-        out.append(
-            keras.callbacks.EarlyStopping(
-                patience=config.early_stopping_patience, restore_best_weights=True, **watch
-            )
-        )
-    return out
-
-
-def song_labels(data_dir: str, catalog: yes_reader.Catalog) -> tuple[tuple, list[tuple]]:
-    """Projector metadata: (columns, one row per embedding row: padding token 0, then song s).
-
-    Columns are title, artist and, if `data_dir` has tags.txt and tag_hash.txt, the song's most
-    common tag (`yes_reader.read_tags`).
-    """
-    tags_path, hash_path = (os.path.join(data_dir, f) for f in ("tags.txt", "tag_hash.txt"))
-    columns, songs = ("title", "artist"), [catalog.titles, catalog.artists]
-    if os.path.exists(tags_path) and os.path.exists(hash_path):
-        columns += ("tag",)
-        songs.append(yes_reader.read_tags(tags_path, hash_path, catalog.size))
-    return columns, [("<padding>",) + ("",) * (len(columns) - 1), *zip(*songs, strict=True)]
-
-
-def load_trained(config: config_lib.Config, num_songs: int) -> musicmodel.MusicModel:
-    """The model saved in --model_dir, checked to score the `num_songs` songs of --data_dir."""
-    model = modeltrainer.load_model(config.model_dir)
-    if model.num_songs != num_songs:
-        raise config_lib.ConfigError(
-            f"--model_dir={config.model_dir}: the model was trained on {model.num_songs} songs "
-            f"but --data_dir={config.data_dir} has {num_songs}; use the same catalog"
-        )
-    return model
-
-
-def serving_function(config: config_lib.Config, model: musicmodel.MusicModel):
-    """The serving `tf.function` with --top_k (at most the catalog size) and --exclude_history."""
-    if config.top_k > model.num_songs:
-        raise config_lib.ConfigError(
-            f"--top_k={config.top_k}: the model scores only {model.num_songs} songs"
-        )
-    return musicmodel.serving_function(model, config.top_k, config.exclude_history)
-
-
-def read_histories(config: config_lib.Config, num_songs: int) -> list[tuple[str, list[int]]]:
-    """(label, song ids) of --history or of each line of --history_file."""
-    if config.history_file:
-        lines = yes_reader.read_histories(config.history_file, num_songs)
-        return [(f"{config.history_file}:{n}", ids) for n, ids in lines]
-    if not config.history:
-        raise config_lib.ConfigError("--mode=recommend needs --history or --history_file")
-    where = f"--history={config.history}"
-    return [("--history", yes_reader.parse_history(config.history, num_songs, where))]
-
-
-def print_recommendations(
-    label: str,
-    history: list[int],
-    ids: np.ndarray,
-    scores: np.ndarray,
-    catalog: yes_reader.Catalog,
-) -> None:
-    """Prints the history's last song, then rank, song id, probability, title, artist per row."""
-    last, titles = history[-1], catalog.titles
-    print(
-        f"{label}: {len(history)} songs, the last {last}: {titles[last]} ({catalog.artists[last]})"
-    )
-    width = max(len(catalog.titles[i]) for i in ids)
-    print(f"{'rank':>4}  {'song_id':>7}  {'probability':>11}  {'title':<{width}}  artist")
-    for rank, (song, score) in enumerate(zip(ids, scores, strict=True), start=1):
-        title, artist = catalog.titles[song], catalog.artists[song]
-        print(f"{rank:>4}  {song:>7}  {score:>11.5f}  {title:<{width}}  {artist}")
-
-
-class NextSongTask:
-    """Next-song classification over a Yes.com catalog."""
-
-    name = "next_song"
+    name: str
 
     def train(self, config: config_lib.Config) -> None:
-        strategy = cluster.make_strategy(config.strategy)  # before any other TensorFlow op
-        cluster.check_batch_size(strategy, config.batch_size)
-        keras.utils.set_random_seed(config.seed)
-        data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
-        windows = yes_reader.make_windows(
-            data.train, config.batch_size, config.num_steps, config.seed
-        )
-        if config.softmax == "sampled":  # before anything is written
-            musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
-        write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
-        config_lib.make_model_dir(write_dir)
-        if cluster.is_chief(strategy):
-            data_files = [os.path.join(config.data_dir, "song_hash.txt")]
-            data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
-            config_lib.write_run_config(
-                config,
-                data_files,
-                {"num_songs": data.catalog.size, "train_events": windows.events},
-            )
-        songs = data.catalog.size
-        with strategy.scope():
-            model = musicmodel.build_model(
-                num_songs=songs,
-                cell=config.cell,
-                num_layers=config.num_layers,
-                embedding_size=config.embedding_size,
-                hidden_size=config.hidden_size,
-                dropout=config.dropout,
-                batch_size=config.batch_size,
-                learning_rate=config.learning_rate,
-                max_grad_norm=config.max_grad_norm,
-                tie_embeddings=config.tie_embeddings,
-                loss_weighting=config.loss_weighting,
-                softmax=config.softmax,
-                num_sampled=config.num_sampled,
-                song_counts=np.bincount(windows.targets[windows.weights > 0], minlength=songs),
-                jit_compile=config.jit_compile,
-            )
-        callbacks = []
-        if yes_reader.count_events(data.valid):
-            valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)
-            callbacks.append(hooks.ValidationHook(lambda: evaluate_windows(model, valid)))
-        callbacks += validation_schedule(config)
-        callbacks.append(hooks.ProgressHook())
-        callbacks.append(
-            hooks.EmbeddingProjectorHook(
-                os.path.join(write_dir, modeltrainer.TENSORBOARD_DIR, "train"),
-                model.embedding,
-                *song_labels(config.data_dir, data.catalog),
-            )
-        )
-        order = yes_reader.schedule(windows, config.num_epochs, config.seed)
-        trainer = modeltrainer.Trainer(
-            model,
-            config.model_dir,
-            num_epochs=config.num_epochs,
-            steps_per_epoch=windows.num_windows,
-            checkpoint_every_steps=config.checkpoint_every_steps,
-        )
-        trainer.train(lambda step: cluster.distribute(strategy, windows, order[step:]), callbacks)
+        """--mode=train: fits the model and saves it (and its checkpoints) in --model_dir."""
 
     def evaluate(self, config: config_lib.Config) -> dict:
-        catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
-        test_path = yes_reader.playlist_path(config.data_dir, "test")
-        test = yes_reader.read_playlists(test_path, catalog.size)
-        model = load_trained(config, catalog.size)
-        musicmodel.compile_model(model, config.learning_rate, config.max_grad_norm)
-        windows = yes_reader.make_windows(test, model.batch_size, config.num_steps)
-        results = {
-            "task": self.name,
-            "split": "test",
-            "playlists": int(sum(len(p) >= 2 for p in test)),
-            **metrics.report(evaluate_windows(model, windows)),
-        }
-        if config.baselines or config.blend:
-            results.update(baselines.compare(config, model, windows))
-        rows = {**results.get("baselines", {}), "model": results}
-        if "blend" in results:
-            rows["blend"] = results["blend"]
-        print_table(rows)
-        config_lib.write_json_atomic(os.path.join(config.model_dir, "metrics.json"), results)
-        logging.info("wrote %s", os.path.join(config.model_dir, "metrics.json"))
-        return results
+        """--mode=eval: scores the saved model on held-out data, prints and writes the results."""
 
     def recommend(self, config: config_lib.Config) -> list[dict]:
-        """Prints the --top_k next songs for --history or each line of --history_file (by the
-        model, or with --blend by the blend of the model and baselines that --mode=eval scores).
-
-        Returns:
-          Per history: {"song_ids": int32 [top_k], "scores": float32 [top_k]} (best first).
-        """
-        catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
-        histories = read_histories(config, catalog.size)
-        model = load_trained(config, catalog.size)
-        recommend = serving_function(config, model)
-        if config.blend:  # the hybrid of --mode=eval's blend, same components and weights
-            songs = [np.asarray(ids) for _, ids in histories]
-            out = baselines.recommend_blend(config, model, songs, config.top_k)
-        else:
-            padded, length = yes_reader.pad_histories([ids for _, ids in histories])
-            out = {k: v.numpy() for k, v in recommend(padded, length).items()}
-        for row, (label, ids) in enumerate(histories):
-            print_recommendations(label, ids, out["song_ids"][row], out["scores"][row], catalog)
-        return [{k: v[row] for k, v in out.items()} for row in range(len(histories))]
+        """--mode=recommend: prints and returns the recommendations for the given histories."""
 
     def export(self, config: config_lib.Config) -> str:
-        """Writes the serving SavedModel to model_dir/export/<version>/ and prints its path."""
-        model = modeltrainer.load_model(config.model_dir)
-        path = modeltrainer.export_saved_model(
-            model,
-            {
-                "serving_default": serving_function(config, model),
-                "next_step": musicmodel.step_function(model, config.top_k),  # carried state
-            },
-            os.path.join(config.model_dir, modeltrainer.EXPORT_DIR),
-            config.export_version,
-        )
-        print(path)
-        return path
+        """--mode=export: writes a SavedModel for serving; returns its path."""
 
 
-TASKS = {"next_song": NextSongTask(), "audio_features": audio_task.AudioFeaturesTask()}
+TASKS: dict[str, Task] = {
+    task.name: task for task in (next_song_task.NextSongTask(), audio_task.AudioFeaturesTask())
+}

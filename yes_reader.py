@@ -17,15 +17,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from errors import DataError
+
 PAD_ID = 0
 CSV_HEADER = ("playlist_id", "position", "song_id")
 PROGRESS_SECONDS = 10  # at most one "parsed N of M lines" log line this often
 PROGRESS_LINES = 4096  # look at the clock only every this many lines
 MIN_EVENTS_NOTE = "a playlist of one song has no next song to predict"
-
-
-class DataError(ValueError):
-    """Bad input data; the message starts with `path:line:` (or `path:`)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,9 +16,9 @@ compared with a matmul ceiling measured in the same run.
 
 Evaluation: events/s of the full-catalog `model.evaluate` of `--mode=eval` over the test split
 of data/yes_big (data/yes_small with --quick), after a first warm-up pass. Serving: top-20 after
-one 20-song history through `musicmodel.serving_function` (the `--mode=recommend`/export path,
+one 20-song history through `serving.serving_function` (the `--mode=recommend`/export path,
 history songs excluded as by default), one added song from carried state through
-`musicmodel.step_function`, and batches of 1,000 histories.
+`serving.step_function`, and batches of 1,000 histories.
 Weights are untrained: speed does not depend on their values.
 """
 
@@ -35,13 +35,14 @@ import time
 import numpy as np
 
 import config as config_lib
+import rundir
+import serving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CATALOGS = (3168, 9775, 75262)  # yes_small, yes_big, the full Yes.com catalog
 BATCH, STEPS, EMBED, HIDDEN, LAYERS = 100, 20, 100, 100, 2  # the UCL seed configuration
 NUM_SAMPLED = 1024
 SERVE_TOP_K, HISTORY = 20, 20
-DEFAULTS = config_lib.make_config({})  # what `python deepcf.py --mode=train` runs with
 
 
 def train_flops(catalog: int, softmax: str) -> float:
@@ -76,22 +77,15 @@ def synthetic_windows(catalog: int, num_windows: int, seed: int = 0):
     )
 
 
-def seed_model(catalog: int, **options):
+def seed_model(catalog: int, song_counts: np.ndarray | None = None, **options):
     """deepcf's own model in the seed configuration (UCL: 2 x LSTM 100, batch 100, Adam, clip 5)."""
     import musicmodel
 
-    return musicmodel.build_model(
-        num_songs=catalog,
-        cell="lstm",
-        num_layers=LAYERS,
-        embedding_size=EMBED,
-        hidden_size=HIDDEN,
-        dropout=0.0,
-        batch_size=BATCH,
-        learning_rate=1e-3,
-        max_grad_norm=5.0,
-        **options,
+    sizes = dict(num_layers=LAYERS, embedding_size=EMBED, hidden_size=HIDDEN, batch_size=BATCH)
+    config = config_lib.Config(
+        cell="lstm", learning_rate=1e-3, max_grad_norm=5.0, **sizes, **options
     )
+    return musicmodel.build_model(config, catalog, song_counts)
 
 
 def plain_model(catalog: int):
@@ -167,7 +161,6 @@ def run_train(spec: dict) -> dict:
             softmax=spec["softmax"],
             num_sampled=NUM_SAMPLED,
             song_counts=counts,
-            jit_compile=DEFAULTS.jit_compile,
         )
 
         def fit(callbacks):
@@ -237,18 +230,16 @@ def run_serving(spec: dict) -> dict:
     import keras
     import tensorflow as tf
 
-    import musicmodel
-
     keras.utils.set_random_seed(0)
     catalog = spec["catalog"]
     model = seed_model(catalog)
     rng = np.random.default_rng(0)
-    recommend = musicmodel.serving_function(model, SERVE_TOP_K, exclude_history=True)
+    recommend = serving.serving_function(model, SERVE_TOP_K, exclude_history=True)
     one = tf.constant(rng.integers(0, catalog, (1, HISTORY)), tf.int32)
     length = tf.constant([HISTORY], tf.int32)
     latency = percentiles_ms(lambda: recommend(one, length)["song_ids"].numpy(), spec["requests"])
 
-    step = musicmodel.step_function(model, SERVE_TOP_K)
+    step = serving.step_function(model, SERVE_TOP_K)
     state = step(one[:, :1], tf.zeros([LAYERS, 2, 1, HIDDEN]))["state"]
     song = tf.constant([[7]], tf.int32)
     incremental = percentiles_ms(lambda: step(song, state)["song_ids"].numpy(), spec["requests"])
@@ -383,7 +374,7 @@ def main() -> int:
     result["eval_events_per_s"] = outs[-2]["eval_events_per_s"]
     result.update({k: v for k, v in outs[-1].items() if k != "peak_rss_mb"})
     print_table(result)
-    config_lib.write_json_atomic(args.out, result)
+    rundir.write_json_atomic(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 
 import audio_reader as ar
 from conftest import ROOT
-from yes_reader import DataError
+from errors import DataError
 
 FEATURE_HEADER = "artistName,trackName,trackID," + ",".join(ar.FEATURES)
 ROW = "0.5,0.6,1,-5.0,1,0.05,0.1,0.0,0.1,0.4,120.0"  # 11 valid features

@@ -19,21 +19,22 @@ from test_end_to_end import scalars
 import audio_reader
 import audio_task
 import config as config_lib
+import errors
+import kernels
 import modeltrainer
 import musicmodel
 from conftest import ROOT
-from yes_reader import DataError
+from errors import DataError
 
 HARRY = ROOT / "data" / "harry2687-spotify-2023"
 MONTHS = ("2023-02", "2023-03", "2023-04")
 PLAYS_PER_MONTH = 150  # before cleaning; about half are >= 30 s and join
 
 
-def tiny_model(loss: str = "mse", **sizes) -> musicmodel.AudioFeatureModel:
-    args = {**dict(num_features=2, seq_len=3, pred_steps=2, num_layers=1, hidden_size=4), **sizes}
-    return musicmodel.build_audio_model(
-        cell="gru", dropout=0.0, learning_rate=0.01, max_grad_norm=5.0, loss=loss, **args
-    )
+def tiny_model(loss: str = "mse", num_features: int = 2, **sizes) -> musicmodel.AudioFeatureModel:
+    sizes = {**dict(seq_len=3, pred_steps=2, num_layers=1, hidden_size=4), **sizes}
+    config = config_lib.make_config(dict(task="audio_features", loss=loss, **sizes))
+    return musicmodel.build_audio_model(config, num_features)
 
 
 def test_model_output_shape():
@@ -43,7 +44,7 @@ def test_model_output_shape():
     assert [layer.name for layer in model.rnns] == ["gru_0", "gru_1"]
     # The fixed-length GRU (one input projection, hand-written BPTT), not Keras' time loop: at
     # batch 1 the loop made the report's default training ~7x slower.
-    assert all(isinstance(layer, musicmodel.FixedLengthGRU) for layer in model.rnns)
+    assert all(isinstance(layer, kernels.FixedLengthGRU) for layer in model.rnns)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_task_defaults_are_the_reports_and_given_flags_win(monkeypatch):
         100,
         "runs/next_song",
     )
-    with pytest.raises(config_lib.ConfigError, match="--listening_log"):
+    with pytest.raises(errors.ConfigError, match="--listening_log"):
         config_lib.make_config({"task": "audio_features", "listening_log": ""})
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import baselines
 import config as config_lib
+import errors
 import metrics
 import tasks
 import yes_reader
@@ -66,7 +67,7 @@ def test_markov_tunes_beta_by_validation_log_likelihood():
     assert baselines.Markov(TRAIN, TRAIN, NUM_SONGS).beta == baselines.BETAS[0]
     # Validation follows song 0 by song 4, never seen after it: popularity must take over.
     assert baselines.Markov(TRAIN, tokens([[0, 4]]), NUM_SONGS).beta == baselines.BETAS[-1]
-    with pytest.raises(yes_reader.DataError, match="markov"):
+    with pytest.raises(errors.DataError, match="markov"):
         baselines.Markov(TRAIN, tokens([[3]]), NUM_SONGS)
 
 

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import cluster
 import config as config_lib
+import errors
 import tasks
 import yes_reader
 from conftest import ROOT
@@ -66,12 +67,12 @@ def test_only_worker_0_writes_to_model_dir():
 
 
 def test_bad_cluster_settings_name_the_flag(monkeypatch):
-    with pytest.raises(config_lib.ConfigError, match="--batch_size=7: .* 2 replicas"):
+    with pytest.raises(errors.ConfigError, match="--batch_size=7: .* 2 replicas"):
         cluster.check_batch_size(fake_strategy("worker"), 7)
     monkeypatch.setenv("TF_CONFIG", '{"cluster": {}}')
-    with pytest.raises(config_lib.ConfigError, match="--strategy=multi_worker: the TF_CONFIG"):
+    with pytest.raises(errors.ConfigError, match="--strategy=multi_worker: the TF_CONFIG"):
         cluster.make_strategy("multi_worker")
-    with pytest.raises(config_lib.ConfigError, match="--strategy='ps'"):
+    with pytest.raises(errors.ConfigError, match="--strategy='ps'"):
         config_lib.make_config({"strategy": "ps"})
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import errors
 import yes_reader
 from conftest import write_yes_dir
 
@@ -39,7 +40,7 @@ def test_csv_groups_rows_by_playlist_and_orders_by_position(tmp_path):
 def test_bad_csv_names_file_and_line(tmp_path, text, message):
     path = tmp_path / "test.csv"
     path.write_text(text)
-    with pytest.raises(yes_reader.DataError, match=str(path) + message):
+    with pytest.raises(errors.DataError, match=str(path) + message):
         yes_reader.read_playlists(str(path), num_songs=10)
 
 
@@ -57,7 +58,7 @@ def test_read_tags_picks_the_tag_most_songs_carry(tmp_path):
     # Tag counts over the 5 songs: rock 2, pop 3, loved 2. Song 0 {rock, pop} -> pop; song 1
     # has none; song 2 {rock, loved} ties 2-2 -> rock (lower id); song 3 {pop, loved} -> pop.
     (tmp_path / "tags.txt").write_text("0 1\n#\n0 2\n1 2\n1")
-    with pytest.raises(yes_reader.DataError, match="one line per song"):
+    with pytest.raises(errors.DataError, match="one line per song"):
         yes_reader.read_tags(str(tmp_path / "tags.txt"), str(tmp_path / "tag_hash.txt"), 4)
     tags = yes_reader.read_tags(str(tmp_path / "tags.txt"), str(tmp_path / "tag_hash.txt"), 5)
     assert tags == ("pop", "", "rock", "pop", "pop")
@@ -66,5 +67,5 @@ def test_read_tags_picks_the_tag_most_songs_carry(tmp_path):
 def test_read_tags_unknown_tag_names_line(tmp_path):
     (tmp_path / "tag_hash.txt").write_text("0, rock\n")
     (tmp_path / "tags.txt").write_text("0\n3\n")
-    with pytest.raises(yes_reader.DataError, match=r"tags.txt:2: a tag id is not in"):
+    with pytest.raises(errors.DataError, match=r"tags.txt:2: a tag id is not in"):
         yes_reader.read_tags(str(tmp_path / "tags.txt"), str(tmp_path / "tag_hash.txt"), 2)

@@ -20,6 +20,7 @@ import keras
 import pytest
 
 import audio_reader
+import errors
 import modeltrainer
 import yes_reader
 from conftest import ROOT, write_yes_dir
@@ -292,7 +293,7 @@ def test_model_with_python_code_is_refused_unrun(tmp_path):
     inputs = keras.Input((3,))
     keras.Model(inputs, keras.layers.Lambda(touch)(inputs)).save(tmp_path / "model.keras")
     marker.unlink()
-    with pytest.raises(modeltrainer.ModelError, match="model.keras: cannot load the model"):
+    with pytest.raises(errors.ModelError, match="model.keras: cannot load the model"):
         modeltrainer.load_model(str(tmp_path))
     assert not marker.exists()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import config as config_lib
+import kernels
 import musicmodel
 import yes_reader
 
@@ -15,17 +17,9 @@ def tiny_model(batch_size: int, cell: str = "lstm") -> musicmodel.MusicModel:
     import keras
 
     keras.utils.set_random_seed(1)
-    return musicmodel.build_model(
-        num_songs=NUM_SONGS,
-        cell=cell,
-        num_layers=2,
-        embedding_size=6,
-        hidden_size=5,
-        dropout=0.0,
-        batch_size=batch_size,
-        learning_rate=0.01,
-        max_grad_norm=5.0,
-    )
+    sizes = dict(embedding_size=6, hidden_size=5, learning_rate=0.01)
+    config = config_lib.Config(cell=cell, batch_size=batch_size, **sizes)
+    return musicmodel.build_model(config, NUM_SONGS)
 
 
 def evaluate(model, windows: yes_reader.Windows) -> dict:
@@ -117,7 +111,7 @@ def test_fixed_length_gru_matches_keras_gru_and_its_gradients(jit_compile):
     reference = keras.layers.GRU(units, return_sequences=True, return_state=True)
     reference.build((batch, time, inputs))
     reference.cell.bias.assign(tf.random.normal(reference.cell.bias.shape))
-    fused = musicmodel.FixedLengthGRU(units)
+    fused = kernels.FixedLengthGRU(units)
     fused.build((batch, time, inputs))
     fused.set_weights(reference.get_weights())
 

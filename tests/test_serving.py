@@ -20,8 +20,12 @@ import pytest
 import tensorflow as tf
 
 import config as config_lib
+import errors
 import hooks
 import modeltrainer
+import musicmodel
+import next_song_task
+import serving
 import tasks
 import yes_reader
 from conftest import ROOT, train_small
@@ -116,11 +120,11 @@ def test_recommend_unknown_ids_name_the_flag_or_the_line(trained, tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("1 2\n\n3 x\n")
     cfg = dataclasses.replace(trained, history_file=str(path))
-    with pytest.raises(yes_reader.DataError, match=f"{path}:3: song id 'x' is not an integer"):
+    with pytest.raises(errors.DataError, match=f"{path}:3: song id 'x' is not an integer"):
         tasks.TASKS["next_song"].recommend(cfg)
-    with pytest.raises(config_lib.ConfigError, match="--mode=recommend needs --history"):
+    with pytest.raises(errors.ConfigError, match="--mode=recommend needs --history"):
         tasks.TASKS["next_song"].recommend(trained)
-    with pytest.raises(config_lib.ConfigError, match="--top_k=4000: the model scores only 3168"):
+    with pytest.raises(errors.ConfigError, match="--top_k=4000: the model scores only 3168"):
         tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history="1", top_k=4000))
 
 
@@ -161,7 +165,7 @@ def test_recommend_blend_uses_given_or_eval_chosen_weights(trained, model, tmp_p
     assert out["song_ids"].tolist() != reference_top_k(model, [12, 845, 3001], 6)[0].tolist()
 
     unweighted = dataclasses.replace(cfg, blend="rnn,markov")
-    with pytest.raises(config_lib.ConfigError, match="--blend=rnn,markov: no weights given"):
+    with pytest.raises(errors.ConfigError, match="--blend=rnn,markov: no weights given"):
         tasks.TASKS["next_song"].recommend(unweighted)
     chosen = {"rnn": 0.1, "markov": 0.9}  # as --mode=eval records them
     (model_dir / "metrics.json").write_text(json.dumps({"blend": {"weights": chosen}}))
@@ -208,11 +212,11 @@ def test_export_reloads_in_a_fresh_process_and_matches(trained, model, tmp_path)
 
 def test_export_versions_count_up_and_never_overwrite(trained, model, tmp_path):
     export_dir = str(tmp_path / "export")
-    fn = tasks.serving_function(trained, model)
+    fn = serving.checked_serving_function(trained, model)
     first = modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir)
     second = modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir)
     assert [os.path.basename(first), os.path.basename(second)] == ["1", "2"]
-    with pytest.raises(modeltrainer.ModelError, match="2: already exists"):
+    with pytest.raises(errors.ModelError, match="2: already exists"):
         modeltrainer.export_saved_model(model, {"serving_default": fn}, export_dir, version=2)
     assert sorted(os.listdir(export_dir)) == ["1", "2"]  # no temporary directory left behind
 
@@ -249,9 +253,9 @@ def test_progress_lines_have_rate_and_eta(trained, model, monkeypatch, caplog):
     monkeypatch.setattr(hooks, "PROGRESS_SECONDS", 0)  # every step; 30 s by default
     test = yes_reader.read_playlists(os.path.join(trained.data_dir, "test.txt"), model.num_songs)
     windows = yes_reader.make_windows(test, model.batch_size, trained.num_steps)
-    tasks.musicmodel.compile_model(model, 0.01, 5.0)
+    musicmodel.compile_model(model, 0.01, 5.0)
     with caplog.at_level(logging.INFO, logger="absl"):
-        tasks.evaluate_windows(model, windows)
+        next_song_task.evaluate_windows(model, windows)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("evaluate:")]
     n = windows.num_windows
     assert [line.split(" (")[0] for line in lines] == [

@@ -6,22 +6,24 @@ import numpy as np
 import pytest
 
 import config as config_lib
+import errors
+import kernels
 import musicmodel
+import serving
 import yes_reader
 
 NUM_SONGS = 11
 PLAYLISTS = [np.array(p, np.int32) for p in ([1, 2, 3, 4, 5, 6, 7, 8, 9], [3, 5], [11, 10, 1, 4])]
 
 
-def tiny_model(**kwargs) -> musicmodel.MusicModel:
+def tiny_model(song_counts: np.ndarray | None = None, **settings) -> musicmodel.MusicModel:
+    """2 x LSTM 5 over embeddings of 6, batch 3, Adam 0.01, clip 5; `settings` override."""
     import keras
 
     keras.utils.set_random_seed(1)
-    settings = dict(
-        num_songs=NUM_SONGS, cell="lstm", num_layers=2, embedding_size=6, hidden_size=5,
-        dropout=0.0, batch_size=3, learning_rate=0.01, max_grad_norm=5.0,
-    )  # fmt: skip
-    return musicmodel.build_model(**{**settings, **kwargs})
+    sizes = dict(embedding_size=6, hidden_size=5, batch_size=3, learning_rate=0.01)
+    config = config_lib.Config(**{**sizes, **settings})
+    return musicmodel.build_model(config, NUM_SONGS, song_counts)
 
 
 def reference_loss(model: musicmodel.MusicModel, windows: yes_reader.Windows) -> float:
@@ -83,7 +85,7 @@ def test_fused_cross_entropy_and_gradients_equal_tensorflows(jit_compile):
         with tf.GradientTape() as tape:
             tape.watch([queries, kernel, bias])
             if fused:
-                per_event = musicmodel.softmax_cross_entropy(queries, targets, kernel, bias)
+                per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
             else:
                 logits = tf.matmul(queries, kernel) + bias
                 per_event = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
@@ -100,7 +102,7 @@ def test_fused_cross_entropy_of_an_underflowing_probability_is_exact():
     # Song 1's loss is log(1 + 2 e^-100) = 2 e^-100 = 0 in float32.
     queries = np.array([[1.0], [1.0]], np.float32)
     kernel = np.array([[0.0, 100.0, 0.0]], np.float32)
-    per_event = musicmodel.softmax_cross_entropy(
+    per_event = kernels.softmax_cross_entropy(
         queries, np.array([0, 1], np.int32), kernel, np.zeros(3, np.float32)
     )
     np.testing.assert_allclose(np.asarray(per_event), [100.0, 0.0], atol=1e-6)
@@ -116,7 +118,7 @@ def test_fused_adam_takes_keras_adams_steps():
     rng = np.random.default_rng(0)
     start = [rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=4).astype(np.float32)]
     runs = []
-    for optimizer in (keras.optimizers.Adam, musicmodel.FusedAdam):
+    for optimizer in (keras.optimizers.Adam, kernels.FusedAdam):
         variables = [keras.Variable(v) for v in start]
         opt = optimizer(0.05, global_clipnorm=1.0)
         opt.build(variables)
@@ -136,7 +138,7 @@ def test_next_power_of_two():
 
     n = tf.constant([1, 2, 3, 5, 8, 9, 1000, 1024, 1025])
     np.testing.assert_array_equal(
-        musicmodel.next_power_of_two(n), [1, 2, 4, 8, 8, 16, 1024, 1024, 2048]
+        serving.next_power_of_two(n), [1, 2, 4, 8, 8, 16, 1024, 1024, 2048]
     )
 
 
@@ -149,7 +151,7 @@ def test_serving_pads_requests_to_buckets_without_changing_them():
     histories = [[3, 0, 7, 2, 9], [5], [1, 1, 4]]
     padded, length = yes_reader.pad_histories(histories)
     assert padded.shape == (3, 5)
-    out = musicmodel.serving_function(model, top_k=4, exclude_history=True)(padded, length)
+    out = serving.serving_function(model, top_k=4, exclude_history=True)(padded, length)
     for row, history in enumerate(histories):
         logits, _ = model.forward(np.array([history], np.int32) + 1, model.zero_state(1))
         probs = tf.nn.softmax(logits[0, -1]).numpy()
@@ -161,7 +163,7 @@ def test_serving_pads_requests_to_buckets_without_changing_them():
 def test_sampled_logits_worked_by_hand():
     # dims 1: query 2; kernel [1, 2, 3], bias [0, 1, 0], log_q [-1, -2, -3].
     # target 1: 2 * 2 + 1 - (-2) = 7; negatives [0, 1, 2]: 2 + 0 + 1 = 3, (hit: masked), 6 + 3 = 9.
-    logits = musicmodel.sampled_softmax_logits(
+    logits = kernels.sampled_softmax_logits(
         np.array([[2.0]], np.float32),
         np.array([1], np.int32),
         np.array([[1.0, 2.0, 3.0]], np.float32),
@@ -175,7 +177,7 @@ def test_sampled_logits_worked_by_hand():
 def test_alias_table_gives_exactly_the_probabilities():
     # P(song j) = (accept[j] + sum of (1 - accept[i]) over columns i aliased to j) / n.
     probs = np.array([0.5, 0.25, 0.125, 0.0625, 0.0625])
-    accept, alias = musicmodel.alias_table(probs)
+    accept, alias = kernels.alias_table(probs)
     implied = accept.copy()
     np.add.at(implied, alias, 1.0 - accept)
     np.testing.assert_allclose(implied / len(probs), probs, atol=1e-12)
@@ -185,7 +187,7 @@ def test_sampler_draws_songs_in_proportion_to_counts_plus_one():
     import tensorflow as tf
 
     counts = np.array([99, 0, 49, 0])  # Q = [100, 1, 50, 1] / 152
-    sampler = musicmodel.SongSampler(counts)
+    sampler = kernels.SongSampler(counts)
     draws = sampler.draw(20000, tf.constant([3, 0])).numpy()
     assert draws.min() >= 0 and draws.max() < 4
     share = np.bincount(draws, minlength=4) / len(draws)
@@ -215,12 +217,12 @@ def test_sampled_training_lowers_the_full_catalog_loss(tie_embeddings):
     [({"softmax": "partial"}, "--softmax"), ({"num_sampled": 0}, "--num_sampled")],
 )
 def test_bad_softmax_settings_name_the_flag(given, flag):
-    with pytest.raises(config_lib.ConfigError, match=flag):
+    with pytest.raises(errors.ConfigError, match=flag):
         config_lib.make_config(given)
 
 
 def test_more_samples_than_songs_names_the_flag():
-    with pytest.raises(config_lib.ConfigError, match="--num_sampled=11"):
+    with pytest.raises(errors.ConfigError, match="--num_sampled=11"):
         tiny_model(softmax="sampled", num_sampled=NUM_SONGS)
 
 
@@ -229,10 +231,10 @@ def test_incremental_step_equals_scoring_the_whole_history():
 
     model = tiny_model()
     history = np.array([[3, 0, 7, 2]], np.int32)
-    whole = musicmodel.serving_function(model, top_k=5, exclude_history=False)(
+    whole = serving.serving_function(model, top_k=5, exclude_history=False)(
         history, np.array([4], np.int32)
     )
-    step = musicmodel.step_function(model, top_k=5)
+    step = serving.step_function(model, top_k=5)
     state = tf.zeros([2, 2, 1, 5])
     for song in history[0]:
         out = step(np.array([[song]], np.int32), state)
@@ -247,7 +249,7 @@ def test_exported_step_signature_matches_the_model(tmp_path):
     import modeltrainer
 
     model = tiny_model()
-    step = musicmodel.step_function(model, top_k=3)
+    step = serving.step_function(model, top_k=3)
     path = modeltrainer.export_saved_model(model, {"next_step": step}, str(tmp_path))
     served = tf.saved_model.load(path).signatures["next_step"]
     song, state = np.array([[4]], np.int32), np.zeros([2, 2, 1, 5], np.float32)

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import errors
 import yes_reader
 from conftest import write_playlist_file, write_yes_dir
 
@@ -39,14 +40,14 @@ def test_bad_playlist_lines_name_file_and_line(tmp_path, line, message):
     write_playlist_file(path, [[0, 1]], num_songs=6)
     with open(path, "a") as f:
         f.write(line + "\n")
-    with pytest.raises(yes_reader.DataError, match=f"{path}:4: .*{message}"):
+    with pytest.raises(errors.DataError, match=f"{path}:4: .*{message}"):
         yes_reader.read_playlists(str(path), 6)
 
 
 def test_missing_header_is_reported(tmp_path):
     path = tmp_path / "train.txt"
     path.write_text("0 1 2\n3 4\n")
-    with pytest.raises(yes_reader.DataError, match=f"{path}:1: expected header line 1"):
+    with pytest.raises(errors.DataError, match=f"{path}:1: expected header line 1"):
         yes_reader.read_playlists(str(path), 6)
 
 
@@ -75,7 +76,7 @@ def test_last_partial_batch_and_window_are_kept():
 
 
 def test_no_playlist_with_events_is_an_error():
-    with pytest.raises(yes_reader.DataError, match="nothing to learn"):
+    with pytest.raises(errors.DataError, match="nothing to learn"):
         yes_reader.make_windows([np.array([3], np.int32)], batch_size=2, num_steps=2)
 
 

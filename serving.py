@@ -1,0 +1,180 @@
+"""Serving: the `tf.function`s behind `--mode=recommend` and the SavedModel export.
+
+`serving_function` scores whole histories; `step_function` one added song from carried state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+import config as config_lib
+import yes_reader
+from errors import ConfigError
+from musicmodel import MusicModel
+
+
+def next_power_of_two(n):
+    """The smallest power of two >= n, for int32 n >= 1 (bit smearing of n - 1)."""
+    n = n - 1
+    for shift in (1, 2, 4, 8, 16):
+        n = tf.bitwise.bitwise_or(n, tf.bitwise.right_shift(n, shift))
+    return n + 1
+
+
+SERVE_WIDTH_STEP = 4  # histories are padded to a multiple of 4 songs for XLA
+
+
+def serving_function(
+    model: MusicModel, top_k: int, exclude_history: bool
+) -> tf.types.experimental.GenericFunction:
+    """The next `top_k` songs after each history, as a `tf.function` with a fixed signature.
+
+    The whole history runs through `model.features` from a zero state (no carried variables are
+    read or written) and only the output after its last song is scored and ranked. That scoring
+    is XLA-compiled (TF's graph executor pays a per-op cost that dominates a 20-step LSTM at
+    batch 1; docs/results.md has the figures); XLA compiles once per input shape, so
+    requests are padded to a few shapes first: the batch to a power of two, the history width to
+    a multiple of `SERVE_WIDTH_STEP`. Padding after a history's last song does not change its
+    scores (the model reads left to right).
+
+    Args of the returned function:
+      history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
+        entries at positions >= length are padding and ignored.
+      length: int32 [batch], songs in each history, 1 <= length <= time.
+
+    Returns of the returned function:
+      {"song_ids": int32 [batch, top_k] best first, "scores": float32 [batch, top_k] the model's
+      probability that the song comes next}; with `exclude_history`, songs of the history are
+      never returned (unless fewer than `top_k` other songs exist; their score is then -1).
+    """
+    num_songs = model.num_songs
+
+    @tf.function(jit_compile=True)
+    def ranked_songs(tokens, length):
+        queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
+        last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
+        probs = tf.nn.softmax(model.scores(last))  # [batch, songs]
+        ranked = probs
+        if exclude_history:  # column t - 1 of token t; padding (token 0) lands in column -1
+            batch = tf.shape(tokens)[0]
+            rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(tokens))
+            where = tf.stack([rows, tokens], -1)
+            seen = tf.scatter_nd(where, tf.ones_like(tokens), tf.stack([batch, 1 + num_songs]))
+            ranked = tf.where(seen[:, 1:] > 0, -1.0, probs)
+        return ranked
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="history"),
+            tf.TensorSpec([None], tf.int32, name="length"),
+        ]
+    )
+    def recommend(history, length):
+        batch, width = tf.shape(history)[0], tf.shape(history)[1]
+        valid = tf.sequence_mask(length, width)
+        songs = tf.boolean_mask(history, valid)
+        checks = [
+            tf.debugging.assert_positive(length, message="every length must be >= 1"),
+            tf.debugging.assert_less_equal(
+                length, width, message="a length exceeds the history width"
+            ),
+            tf.debugging.assert_non_negative(songs, message="song ids must be >= 0"),
+            tf.debugging.assert_less(songs, num_songs, message="a song id is not in the catalog"),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = tf.where(valid, history + 1, yes_reader.PAD_ID)
+        rows = next_power_of_two(batch) - batch
+        columns = -width % SERVE_WIDTH_STEP
+        tokens = tf.pad(tokens, [[0, rows], [0, columns]], constant_values=yes_reader.PAD_ID)
+        length = tf.pad(length, [[0, rows]], constant_values=1)
+        scores, song_ids = tf.math.top_k(ranked_songs(tokens, length)[:batch], top_k)
+        return {"song_ids": song_ids, "scores": scores}
+
+    return recommend
+
+
+def step_function(model: MusicModel, top_k: int) -> tf.types.experimental.GenericFunction:
+    """Incremental scoring: the next `top_k` songs after one more song, from the carried state.
+
+    A client keeps the returned `state` of a history and sends only the song the user adds, so a
+    request costs one time step instead of the whole history. The step is XLA-compiled (once per
+    batch size).
+
+    Args of the returned function:
+      song: int32 [batch, 1], the added song id (0-based, as in song_hash.txt).
+      state: float32 [num_layers, parts, batch, hidden_size] (parts: LSTM h, c; GRU h), the state
+        after the history so far: zeros for an empty history, else the `state` last returned.
+
+    Returns of the returned function:
+      {"song_ids": int32 [batch, top_k] best first, "scores": float32 [batch, top_k] next-song
+      probabilities, "state": the new state, same shape as `state`}.
+    """
+    parts = 2 if model.cell == "lstm" else 1
+
+    @tf.function(jit_compile=True)
+    def one_step(tokens, state):
+        states = [tf.unstack(layer) for layer in tf.unstack(state)]
+        logits, finals = model.forward(tokens, states)
+        scores, song_ids = tf.math.top_k(tf.nn.softmax(logits[:, -1]), top_k)
+        return {
+            "song_ids": song_ids,
+            "scores": scores,
+            "state": tf.stack([tf.stack(f) for f in finals]),
+        }
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, 1], tf.int32, name="song"),
+            tf.TensorSpec([model.num_layers, parts, None, model.hidden_size], tf.float32, "state"),
+        ]
+    )
+    def step(song, state):
+        checks = [
+            tf.debugging.assert_non_negative(song, message="song ids must be >= 0"),
+            tf.debugging.assert_less(
+                song, model.num_songs, message="a song id is not in the catalog"
+            ),
+        ]
+        with tf.control_dependencies(checks):
+            tokens = song + 1
+        return one_step(tokens, state)
+
+    return step
+
+
+def checked_serving_function(config: config_lib.Config, model: MusicModel):
+    """The serving `tf.function` with --top_k (at most the catalog size) and --exclude_history."""
+    if config.top_k > model.num_songs:
+        raise ConfigError(f"--top_k={config.top_k}: the model scores only {model.num_songs} songs")
+    return serving_function(model, config.top_k, config.exclude_history)
+
+
+def read_histories(config: config_lib.Config, num_songs: int) -> list[tuple[str, list[int]]]:
+    """(label, song ids) of --history or of each line of --history_file."""
+    if config.history_file:
+        lines = yes_reader.read_histories(config.history_file, num_songs)
+        return [(f"{config.history_file}:{n}", ids) for n, ids in lines]
+    if not config.history:
+        raise ConfigError("--mode=recommend needs --history or --history_file")
+    where = f"--history={config.history}"
+    return [("--history", yes_reader.parse_history(config.history, num_songs, where))]
+
+
+def print_recommendations(
+    label: str,
+    history: list[int],
+    ids: np.ndarray,
+    scores: np.ndarray,
+    catalog: yes_reader.Catalog,
+) -> None:
+    """Prints the history's last song, then rank, song id, probability, title, artist per row."""
+    last, titles = history[-1], catalog.titles
+    print(
+        f"{label}: {len(history)} songs, the last {last}: {titles[last]} ({catalog.artists[last]})"
+    )
+    width = max(len(catalog.titles[i]) for i in ids)
+    print(f"{'rank':>4}  {'song_id':>7}  {'probability':>11}  {'title':<{width}}  artist")
+    for rank, (song, score) in enumerate(zip(ids, scores, strict=True), start=1):
+        title, artist = catalog.titles[song], catalog.artists[song]
+        print(f"{rank:>4}  {song:>7}  {score:>11.5f}  {title:<{width}}  {artist}")
