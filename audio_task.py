@@ -2,7 +2,7 @@
 
 Training is the report's monthly dynamic training, month after month in time order: month k's
 training windows (its first 80 % of plays, plus seeded samples of month k-1's test and train
-windows, `audio_reader.dynamic_train`) go through the shared `modeltrainer.Trainer`, one call per
+windows, `audio_windows.dynamic_train`) go through the shared `modeltrainer.Trainer`, one call per
 month with its own directory `model_dir/months/<YYYY-MM>/` (checkpoints, TensorBoard, model.keras).
 The model carries over: month k starts from the weights month k-1 ended with (and a fresh Adam),
 which is what the replayed samples of month k-1 are for; one model object serves all months, so
@@ -27,6 +27,7 @@ import tensorflow as tf
 from absl import logging
 
 import audio_reader
+import audio_windows
 import config as config_lib
 import hitrate
 import hooks
@@ -42,7 +43,7 @@ CHARTS = {"window": "hit_rate.png", "open_catalog": "hit_rate_open_catalog.png"}
 
 def load_data(
     config: config_lib.Config,
-) -> tuple[audio_reader.AudioData, list[audio_reader.MonthSplit], np.ndarray]:
+) -> tuple[audio_reader.AudioData, list[audio_windows.MonthSplit], np.ndarray]:
     """Plays (summary logged), monthly splits and z-scored features float32 [plays, 11].
 
     With `--holdout=validation` the test plays are gone and each month's training plays are split
@@ -58,7 +59,7 @@ def load_data(
         min_ms_played=config.min_ms_played,
         english_only=config.english_only,
     )
-    splits = audio_reader.split_months(data.months)
+    splits = audio_windows.split_months(data.months)
     if config.holdout == "validation":  # only the training plays, each month split 80/20 again
         keep = np.concatenate([s.train for s in splits])
         data = dataclasses.replace(
@@ -67,9 +68,9 @@ def load_data(
             songs=data.songs[keep],
             features=data.features[keep],
         )
-        splits = audio_reader.split_months(data.months)
-    audio_reader.check_windows(data, splits, config.seq_len, config.pred_steps)
-    z, _, _ = audio_reader.standardize(data.features, splits, config.standardize)
+        splits = audio_windows.split_months(data.months)
+    audio_windows.check_windows(data, splits, config.seq_len, config.pred_steps)
+    z, _, _ = audio_windows.standardize(data.features, splits, config.standardize)
     return data, splits, z
 
 
@@ -97,7 +98,8 @@ class AudioFeaturesTask:
     def train(self, config: config_lib.Config) -> None:
         keras.utils.set_random_seed(config.seed)
         data, splits, z = load_data(config)
-        dynamic = audio_reader.dynamic_train(splits, config.seq_len, config.pred_steps, config.seed)
+        seq_len, pred_steps = config.seq_len, config.pred_steps
+        dynamic = audio_windows.dynamic_train(splits, seq_len, pred_steps, config.seed)
         rundir.make_model_dir(config.model_dir)
         files = audio_reader.expand(config.paths("listening_log"))
         files += audio_reader.expand(config.paths("features"))
@@ -108,7 +110,7 @@ class AudioFeaturesTask:
         fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
         for split, index in zip(splits, dynamic, strict=True):
             model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
-            x, y = audio_reader.to_arrays(z, index, config.seq_len)
+            x, y = audio_windows.to_arrays(z, index, config.seq_len)
             trainer = modeltrainer.Trainer(
                 model,
                 month_dir(config, split.month),

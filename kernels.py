@@ -110,10 +110,11 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     Same loss and gradient as `sparse_categorical_crossentropy` of the logits, in fewer passes
     over the [events, songs] matrix, which at 9,775 songs is most of a training step: the
     probabilities come from one oneDNN softmax (faster on CPU than TF's fused sparse
-    cross-entropy kernel; docs/results.md), the loss of event i is log(sum exp) - logit = -log p[i, target] (its
-    rows recomputed with logsumexp where p underflows), the bias is a row of the matmul (no
-    pass of its own), and the backward pass never forms p - onehot: the one-hot part is a
-    scatter of the queries, so the two gradient matmuls read the probabilities as they are.
+    cross-entropy kernel; docs/results.md), the loss of event i is log(sum exp) - logit =
+    -log p[i, target] (its rows recomputed with logsumexp where p underflows), the bias is a
+    row of the matmul (no pass of its own), and the backward pass never forms p - onehot: the
+    one-hot part is a scatter of the queries, so the two gradient matmuls read the
+    probabilities as they are.
 
     Args:
       queries: float32 [events, dims]; targets: int32 [events] song ids.

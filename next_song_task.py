@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from absl import logging
 
-import baselines
+import blend
 import cluster
 import config as config_lib
 import hooks
@@ -147,7 +147,7 @@ class NextSongTask:
             **metrics.report(evaluate_windows(model, windows)),
         }
         if config.baselines or config.blend:
-            results.update(baselines.compare(config, model, windows))
+            results.update(blend.compare(config, model, windows))
         rows = {**results.get("baselines", {}), "model": results}
         if "blend" in results:
             rows["blend"] = results["blend"]
@@ -169,7 +169,7 @@ class NextSongTask:
         recommend = serving.checked_serving_function(config, model)
         if config.blend:  # the hybrid of --mode=eval's blend, same components and weights
             songs = [np.asarray(ids) for _, ids in histories]
-            out = baselines.recommend_blend(config, model, songs, config.top_k)
+            out = blend.recommend_blend(config, model, songs, config.top_k)
         else:
             padded, length = yes_reader.pad_histories([ids for _, ids in histories])
             out = {k: v.numpy() for k, v in recommend(padded, length).items()}

@@ -20,6 +20,8 @@ setup(
         "audio_task",
         "baselines",
         "audio_reader",
+        "audio_windows",
+        "blend",
         "hitrate",
         "cluster",
         "errors",

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import audio_reader as ar
+import audio_windows
 from conftest import ROOT
 from errors import DataError
 
@@ -175,7 +176,7 @@ def test_join_matching_no_track_names_file_and_line(tmp_path):
 
 def test_split_months_sizes():
     # 10 plays in January → 8 train + 2 test; 7 in February → floor(5.6) = 5 + 2.
-    splits = ar.split_months(np.array(["2023-01"] * 10 + ["2023-02"] * 7))
+    splits = audio_windows.split_months(np.array(["2023-01"] * 10 + ["2023-02"] * 7))
     assert [(s.month, list(s.train), list(s.test)) for s in splits] == [
         ("2023-01", list(range(8)), [8, 9]),
         ("2023-02", list(range(10, 15)), [15, 16]),
@@ -185,12 +186,12 @@ def test_split_months_sizes():
 def test_window_index_and_count():
     # N = plays - seq_len - pred_steps + 1 = 20 - 10 - 5 + 1 = 6; row i = segment[i : i + 15].
     segment = np.arange(100, 120)
-    rows = ar.window_index(segment, seq_len=10, pred_steps=5)
+    rows = audio_windows.window_index(segment, seq_len=10, pred_steps=5)
     assert rows.shape == (6, 15)
     assert list(rows[0]) == list(range(100, 115)) and list(rows[5]) == list(range(105, 120))
-    assert ar.window_index(np.arange(14), 10, 5).shape == (0, 15)
+    assert audio_windows.window_index(np.arange(14), 10, 5).shape == (0, 15)
     z = np.arange(40, dtype=np.float32).reshape(20, 2)
-    x, y = ar.to_arrays(z, ar.window_index(np.arange(20), 10, 5), seq_len=10)
+    x, y = audio_windows.to_arrays(z, audio_windows.window_index(np.arange(20), 10, 5), seq_len=10)
     assert x.shape == (6, 10, 2) and y.shape == (6, 5, 2)
     assert list(y[1, 0]) == [22.0, 23.0]  # window 1's first target is play 11
 
@@ -200,38 +201,40 @@ def test_dynamic_train_sampling_fractions():
     # month 0: 20 train (18 windows), 10 test (8 windows); month 1: 30 train (28 windows).
     # month 1 trains on 28 + floor(0.5 * 8) = 4 + floor(0.2 * 18) = 3 = 35 windows.
     months = np.array(["2023-01"] * 25 + ["2023-02"] * 37)
-    splits = ar.split_months(months)
+    splits = audio_windows.split_months(months)
     assert [(len(s.train), len(s.test)) for s in splits] == [(20, 5), (29, 8)]
     splits = [
-        ar.MonthSplit("a", np.arange(0, 20), np.arange(20, 30)),
-        ar.MonthSplit("b", np.arange(30, 60), np.arange(60, 70)),
+        audio_windows.MonthSplit("a", np.arange(0, 20), np.arange(20, 30)),
+        audio_windows.MonthSplit("b", np.arange(30, 60), np.arange(60, 70)),
     ]
-    sets = ar.dynamic_train(splits, seq_len=2, pred_steps=1, seed=3)
+    sets = audio_windows.dynamic_train(splits, seq_len=2, pred_steps=1, seed=3)
     assert [len(s) for s in sets] == [18, 35]
     starts = sets[1][:, 0]
     assert np.sum((starts >= 20) & (starts < 30)) == 4  # previous test windows
     assert np.sum(starts < 20) == 3  # previous train windows
     assert np.sum(starts >= 30) == 28 and np.all(np.diff(starts) > 0)  # sorted, no repeats
     assert np.all(np.diff(sets[1], axis=1) == 1)  # every window is a run of consecutive plays
-    again = ar.dynamic_train(splits, seq_len=2, pred_steps=1, seed=3)
+    again = audio_windows.dynamic_train(splits, seq_len=2, pred_steps=1, seed=3)
     assert np.array_equal(again[1], sets[1])
-    other = ar.dynamic_train(splits, seq_len=2, pred_steps=1, seed=4)
+    other = audio_windows.dynamic_train(splits, seq_len=2, pred_steps=1, seed=4)
     assert not np.array_equal(other[1], sets[1])
 
 
 def test_standardize_train_vs_global():
     # train plays 0, 1 have values 0, 2 → mean 1, std 1 → z = (x - 1) / 1.
     features = np.array([[0.0, 5.0], [2.0, 5.0], [4.0, 5.0], [10.0, 5.0]])
-    splits = [ar.MonthSplit("m", np.array([0, 1]), np.array([2, 3]))]
-    z, mean, std = ar.standardize(features, splits, "train")
+    splits = [audio_windows.MonthSplit("m", np.array([0, 1]), np.array([2, 3]))]
+    z, mean, std = audio_windows.standardize(features, splits, "train")
     assert list(z[:, 0]) == [-1.0, 1.0, 3.0, 9.0] and list(z[:, 1]) == [0.0] * 4  # constant: std 1
-    z, mean, std = ar.standardize(features, splits, "global")
+    z, mean, std = audio_windows.standardize(features, splits, "global")
     assert mean[0] == 4.0 and std[0] == pytest.approx(14**0.5)  # var = (16 + 4 + 0 + 36) / 4
 
 
 def test_too_few_plays_for_a_window(tiny):
     with pytest.raises(DataError, match=r"a\.json, .*b\.json: 5 plays left .* the 15 plays"):
-        ar.check_windows(tiny, ar.split_months(tiny.months), seq_len=10, pred_steps=5)
+        audio_windows.check_windows(
+            tiny, audio_windows.split_months(tiny.months), seq_len=10, pred_steps=5
+        )
 
 
 def test_shipped_slice_of_harry2687():

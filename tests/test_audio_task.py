@@ -18,6 +18,7 @@ from test_end_to_end import scalars
 
 import audio_reader
 import audio_task
+import audio_windows
 import config as config_lib
 import errors
 import kernels
@@ -130,7 +131,7 @@ def test_train_writes_one_model_per_month(trained):
     data, splits, _ = audio_task.load_data(trained)
     assert [s.month for s in splits] == list(MONTHS)
     run = json.loads(pathlib.Path(trained.model_dir, "config.json").read_text())
-    windows = audio_reader.dynamic_train(splits, 10, 5, trained.seed)
+    windows = audio_windows.dynamic_train(splits, 10, 5, trained.seed)
     assert run["train_windows"] == {s.month: len(w) for s, w in zip(splits, windows, strict=True)}
     assert run["plays"] == len(data.songs) and run["config"]["hidden_size"] == 8
     for month in MONTHS:

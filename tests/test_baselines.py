@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import baselines
+import blend
 import config as config_lib
 import errors
 import metrics
@@ -154,21 +155,19 @@ def test_blend_mixes_per_event_probabilities():
     # Event [2] -> 0: markov after 2 (n_2 = 1, only 2->3): [3/32, 3/32, 1/8, 1/2 + 1/8, 1/16];
     # blend song 0 = 3/128 + 9/64 = 21/128, songs 1 the same, 2 = 1/32 + 3/16, 3 = 5/32 + 3/16:
     # target 0 ties song 1 and is below 2 and 3: rank 4.
-    blend = {"markov": 1.0, "popularity": 3.0}
-    (report,) = baselines.evaluate_blends([blend], fitted, None, windows)
+    weights = {"markov": 1.0, "popularity": 3.0}
+    (report,) = blend.evaluate_blends([weights], fitted, None, windows)
     assert report["events"] == 2
     assert report["recall"]["1"] == 0.5 and report["mrr"]["20"] == pytest.approx((1 + 1 / 4) / 2)
     expected_ll = (math.log(21 / 128) + math.log(56 / 192)) / 2
     assert report["log_likelihood"] == pytest.approx(expected_ll, rel=1e-5)
     # The grid is the simplex; the vertices are the components alone.
-    assert baselines.simplex(["a", "b"], 0.5) == [
+    assert blend.simplex(["a", "b"], 0.5) == [
         {"a": 0.0, "b": 1.0},
         {"a": 0.5, "b": 0.5},
         {"a": 1.0, "b": 0.0},
     ]
-    (alone,) = baselines.evaluate_blends(
-        [{"markov": 1.0, "popularity": 0.0}], fitted, None, windows
-    )
+    (alone,) = blend.evaluate_blends([{"markov": 1.0, "popularity": 0.0}], fitted, None, windows)
     markov_alone = baselines.evaluate(fitted["markov"], baselines.Events.from_windows(windows))
     assert alone["mrr"]["20"] == pytest.approx(markov_alone["mrr"]["20"])
     assert alone["log_likelihood"] == pytest.approx(markov_alone["log_likelihood"], rel=1e-5)

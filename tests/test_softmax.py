@@ -133,6 +133,25 @@ def test_fused_adam_takes_keras_adams_steps():
     assert not np.allclose(runs[0][0], start[0])  # the steps did move the weights
 
 
+def test_keras_still_has_the_private_adam_api_fused_adam_uses():
+    # kernels.FusedAdam overrides Adam._clip_gradients and reads _get_variable_index, _momentums
+    # and _velocities; setup.py pins the Keras releases that have them. A Keras that renames or
+    # reshapes one of them fails here (and in the test above), not in a user's training.
+    import keras
+
+    variables = [keras.Variable(np.zeros((2, 3), np.float32)), keras.Variable(np.ones(4))]
+    opt = keras.optimizers.Adam(0.1, global_clipnorm=1.0)
+    opt.build(variables)
+    assert [opt._get_variable_index(v) for v in variables] == [0, 1]
+    assert [m.shape for m in opt._momentums] == [(2, 3), (4,)]
+    assert [v.shape for v in opt._velocities] == [(2, 3), (4,)]
+    big = [np.full((2, 3), 3.0, np.float32), np.full(4, 4.0, np.float32)]  # norm sqrt(118)
+    clipped = opt._clip_gradients(big)
+    np.testing.assert_allclose(
+        np.linalg.norm(np.concatenate([np.ravel(g) for g in clipped])), 1.0, rtol=1e-6
+    )
+
+
 def test_next_power_of_two():
     import tensorflow as tf
 

@@ -1,0 +1,206 @@
+"""The hybrid of the model and the baselines (`--blend`), and the `--baselines` comparison.
+
+A blend scores each event with a weighted mixture of its components' next-song probability
+distributions ("rnn": the model's softmax; the fitted baselines of `baselines.py`); weights are
+given, or chosen on the validation split by `--mode=eval` and recorded in metrics.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from absl import logging
+from keras import ops
+
+import config as config_lib
+import metrics
+import serving
+import yes_reader
+from baselines import CHUNK, Events, evaluate, fit
+from errors import ConfigError
+
+BLEND_STEP = 0.1  # blend weights are searched on a simplex grid of this step
+FULL_SUPPORT = ("rnn", "popularity", "markov")  # components giving every song a probability > 0
+
+
+def simplex(names: Sequence[str], step: float = BLEND_STEP) -> list[dict[str, float]]:
+    """Every weighting of `names` by multiples of `step` that sums to 1 (vertices included)."""
+    n = round(1 / step)
+    grid = [c for c in itertools.product(range(n + 1), repeat=len(names)) if sum(c) == n]
+    return [{name: k / n for name, k in zip(names, c, strict=True)} for c in grid]
+
+
+def model_probabilities(model, windows: yes_reader.Windows, w: int) -> np.ndarray:
+    """float64 [events of window w, songs]: softmax of the model's logits at its real positions.
+
+    Windows must be fed in order (w = 0, 1, ...): the model carries its state between them.
+    """
+    logits = np.asarray(model.predict_on_batch((windows.inputs[w], windows.reset[w])), np.float64)
+    logits = logits[windows.weights[w] > 0]
+    logits -= logits.max(axis=1, keepdims=True)
+    probs = np.exp(logits)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def component_chunks(
+    names: Sequence[str], fitted: dict, model, windows: yes_reader.Windows
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields (targets int64 [n], probabilities float32 [components, n, songs]) for chunks of
+    about `CHUNK` consecutive events of `windows`; components in the order of `names`."""
+    events = Events.from_windows(windows)
+    per_window = windows.weights.sum(axis=(1, 2)).astype(np.int64)
+    ends = np.cumsum(per_window)
+    start, pending = 0, []
+    for w in range(windows.num_windows):
+        if "rnn" in names:
+            pending.append(model_probabilities(model, windows, w))
+        if ends[w] - start < CHUNK and w + 1 < windows.num_windows:
+            continue
+        index = slice(start, ends[w])
+        histories = events.histories(index)
+        stack = [
+            np.concatenate(pending) if name == "rnn" else fitted[name].probabilities(histories)
+            for name in names
+        ]
+        yield events.targets[index], np.stack(stack).astype(np.float32)
+        start, pending = ends[w], []
+
+
+def evaluate_blends(
+    blends: Sequence[dict[str, float]], fitted: dict, model, windows: yes_reader.Windows
+) -> list[dict]:
+    """`metrics.report` of each blend p = sum_c w_c p_c(song | history) over every event.
+
+    Components are per-event probability distributions (softmax for "rnn", Markov and popularity
+    as they are, session-kNN scores divided by their sum), so a blend is itself a distribution:
+    its log-likelihood is defined, and no per-event min-max rescaling is needed. Weights are
+    divided by their sum.
+
+    Args:
+      blends: weightings {component: weight} of the same components ("rnn" or names of `fitted`).
+      fitted: fitted baselines by name; model: the trained model (used only if "rnn" is blended).
+    """
+    names = list(blends[0])
+    rankings = [metrics.RankingMetrics() for _ in blends]
+    weights = np.array([[blend[name] for name in names] for blend in blends], np.float32)
+    weights /= weights.sum(axis=1, keepdims=True)
+    for targets, stack in component_chunks(names, fitted, model, windows):
+        stack = ops.convert_to_tensor(stack)  # faster than numpy (docs/results.md)
+        for ranking, row in zip(rankings, weights, strict=True):
+            blended = ops.tensordot(row, stack, axes=1)
+            ranks = metrics.pessimistic_ranks(blended, targets)
+            target_p = ops.take_along_axis(blended, ops.expand_dims(targets, -1), axis=-1)
+            ranking.update_state(ranks, ops.log(ops.squeeze(target_p, -1)))
+    reports = [metrics.report(ranking.result()) for ranking in rankings]
+    full_support = np.array([name in FULL_SUPPORT for name in names])
+    for report, row in zip(reports, weights, strict=True):
+        if not np.any(row[full_support] > 0):  # kNN probabilities alone have zeros
+            report["log_likelihood"] = report["perplexity"] = None
+    return reports
+
+
+def choose_blend(names: Sequence[str], fitted: dict, model, valid: yes_reader.Windows) -> dict:
+    """The `simplex` weighting with the best validation Recall@20 x MRR@20, and its metrics."""
+    grid = simplex(names)
+    reports = evaluate_blends(grid, fitted, model, valid)
+    best = int(np.argmax([r["recall"]["20"] * r["mrr"]["20"] for r in reports]))
+    for blend, report in zip(grid, reports, strict=True):
+        logging.info(
+            "blend %s: validation recall@20 %.4f, mrr@20 %.4f",
+            blend,
+            report["recall"]["20"],
+            report["mrr"]["20"],
+        )
+    logging.info("chose blend %s on validation", grid[best])
+    return {"weights": grid[best], "validation": reports[best]}
+
+
+def compare(config: config_lib.Config, model, windows: yes_reader.Windows) -> dict:
+    """The `--baselines` and `--blend` entries of `metrics.json`, on the model's test `windows`.
+
+    Returns:
+      {"baselines": {name: report}} and, with --blend, "blend": report + "weights" (+ the
+      "validation" report of the chosen weights when they were tuned).
+    """
+    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
+    blend = config.blend_weights
+    fitted = fit(sorted(set(config.baseline_names) | (set(blend) - {"rnn"})), data)
+    events = Events.from_windows(windows)
+    out: dict = {
+        "baselines": {name: evaluate(fitted[name], events) for name in config.baseline_names}
+    }
+    if blend:
+        tuned = {}
+        if None in blend.values():
+            valid = yes_reader.make_windows(data.valid, windows.inputs.shape[1], config.num_steps)
+            tuned = choose_blend(list(blend), fitted, model, valid)
+            blend = tuned["weights"]
+        out["blend"] = {"weights": blend, **evaluate_blends([blend], fitted, model, windows)[0]}
+        if tuned:
+            out["blend"]["validation"] = tuned["validation"]
+    return out
+
+
+def chosen_weights(config: config_lib.Config) -> dict[str, float]:
+    """--blend's weights: as given, else the ones `--mode=eval` chose (model_dir/metrics.json).
+
+    Raises:
+      ConfigError naming --blend if no weights are given and eval has not chosen any for these
+        components.
+    """
+    blend = config.blend_weights
+    if None not in blend.values():
+        return blend
+    path = os.path.join(config.model_dir, "metrics.json")
+    weights = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            weights = json.load(f).get("blend", {}).get("weights", {})
+    if set(weights) != set(blend):
+        raise ConfigError(
+            f"--blend={config.blend}: no weights given and {path} holds none chosen for these "
+            "components; run --mode=eval with this --blend first, or give the weights"
+        )
+    logging.info("blend weights chosen by --mode=eval (%s): %s", path, weights)
+    return weights
+
+
+def recommend_blend(
+    config: config_lib.Config, model, histories: list[np.ndarray], top_k: int
+) -> dict[str, np.ndarray]:
+    """The --blend's top `top_k` next songs after each history, scored as in `evaluate_blends`.
+
+    Args:
+      model: the trained model; its probabilities come from the serving function (whole catalog).
+      histories: 0-based song ids, oldest first.
+
+    Returns:
+      {"song_ids": int [histories, top_k] best first, "scores": float [histories, top_k] the
+      blended probability}; with --exclude_history, songs of the history come last (score -1).
+    """
+
+    weights = chosen_weights(config)
+    fitted = fit(
+        sorted(set(weights) - {"rnn"}),
+        yes_reader.load(config.data_dir, config.valid_fraction, config.seed),
+    )
+    num_songs, total = model.num_songs, sum(weights.values())
+    probs = np.zeros((len(histories), num_songs))
+    for name, weight in weights.items():
+        if name != "rnn":
+            probs += weight / total * fitted[name].probabilities(histories)
+            continue
+        serve = serving.serving_function(model, num_songs, exclude_history=False)
+        out = serve(*yes_reader.pad_histories(histories))  # every song, best first: scatter back
+        rnn = np.zeros_like(probs)
+        np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
+        probs += weight / total * rnn
+    if config.exclude_history:
+        for row, history in enumerate(histories):
+            probs[row, history] = -1.0
+    song_ids = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+    return {"song_ids": song_ids, "scores": np.take_along_axis(probs, song_ids, axis=1)}
