@@ -79,6 +79,21 @@ def _field(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def _audio(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the audio group, read by --task=audio_features only."""
+    return _field(default, "audio", help, tasks=AUDIO, **limits)
+
+
+def _evaluation(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the evaluation group, read by --task=next_song only."""
+    return _field(default, "evaluation", help, tasks=NEXT_SONG, **limits)
+
+
+def _serving(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the serving group, read by --task=next_song only."""
+    return _field(default, "serving", help, tasks=NEXT_SONG, **limits)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything a run needs. Defaults are the UCL report's next-song settings."""
@@ -204,127 +219,73 @@ class Config:
         choices=STRATEGIES,
         tasks=NEXT_SONG,
     )
-    baselines: str = _field(
+    baselines: str = _evaluation(
         "",
-        "evaluation",
         f"Comma-separated baselines scored with the model in --mode=eval: {', '.join(BASELINES)}.",
-        tasks=NEXT_SONG,
     )
-    blend: str = _field(
+    blend: str = _evaluation(
         "",
-        "evaluation",
         "Hybrid scoring in --mode=eval and --mode=recommend, e.g. rnn:0.3,markov:0.5,sknn:0.2: "
         "a weighted sum of per-event probabilities; names without weights (rnn,markov,sknn): eval "
         "chooses the weights on the validation split and records them in metrics.json, where "
         "recommend reads them.",
-        tasks=NEXT_SONG,
     )
-    top_k: int = _field(
-        10,
-        "serving",
-        "Songs returned by --mode=recommend and the export.",
-        tasks=NEXT_SONG,
-        bound=POSITIVE,
+    top_k: int = _serving(10, "Songs returned by --mode=recommend and the export.", bound=POSITIVE)
+    history: str = _serving(
+        "", "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first."
     )
-    history: str = _field(
+    history_file: str = _serving(
         "",
-        "serving",
-        "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first.",
-        tasks=NEXT_SONG,
-    )
-    history_file: str = _field(
-        "",
-        "serving",
         "--mode=recommend: a file with one history per line (song ids separated by spaces or "
         "commas); recommends for each line.",
-        tasks=NEXT_SONG,
     )
-    exclude_history: bool = _field(
-        True,
-        "serving",
-        "Never recommend a song that is already in the history.",
-        tasks=NEXT_SONG,
-    )
-    export_version: int = _field(
+    exclude_history: bool = _serving(True, "Never recommend a song that is already in the history.")
+    export_version: int = _serving(
         0,
-        "serving",
         "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",
-        tasks=NEXT_SONG,
         bound=NON_NEGATIVE,
     )
 
-    listening_log: str = _field(
+    listening_log: str = _audio(
         "",
-        "audio",
         "Listening log file(s) or glob(s), comma-separated: Spotify .json or .csv history, "
         "Last.fm-1K .tsv.",
-        tasks=AUDIO,
     )
-    features: str = _field(
-        "",
-        "audio",
-        "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins.",
-        tasks=AUDIO,
+    features: str = _audio(
+        "", "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins."
     )
-    user: str = _field(
-        "", "audio", "Last.fm-1K user id to keep (needed if the log has several).", tasks=AUDIO
-    )
-    min_ms_played: int = _field(
+    user: str = _audio("", "Last.fm-1K user id to keep (needed if the log has several).")
+    min_ms_played: int = _audio(
         30_000,
-        "audio",
         "Plays shorter than this (ms) are skips and dropped (logs with msPlayed).",
-        tasks=AUDIO,
         bound=NON_NEGATIVE,
     )
-    english_only: bool = _field(
-        False,
-        "audio",
-        "Drop plays whose title has non-Latin letters (the GRU report's cleaning).",
-        tasks=AUDIO,
+    english_only: bool = _audio(
+        False, "Drop plays whose title has non-Latin letters (the GRU report's cleaning)."
     )
-    standardize: str = _field(
+    standardize: str = _audio(
         "train",
-        "audio",
         "Fit the feature z-scores on the training plays only (train), or on all plays as the "
         "report did (global; test months leak into the scaling).",
         choices=STANDARDIZE,
-        tasks=AUDIO,
     )
-    seq_len: int = _field(
-        10,
-        "audio",
-        "Feature vectors the model reads (GRU report: 10).",
-        tasks=AUDIO,
-        bound=POSITIVE,
+    seq_len: int = _audio(10, "Feature vectors the model reads (GRU report: 10).", bound=POSITIVE)
+    pred_steps: int = _audio(
+        5, "Feature vectors it predicts = songs recommended (GRU report: 5).", bound=POSITIVE
     )
-    pred_steps: int = _field(
-        5,
-        "audio",
-        "Feature vectors it predicts = songs recommended (GRU report: 5).",
-        tasks=AUDIO,
-        bound=POSITIVE,
+    loss: str = _audio(
+        "mse", "Regression loss (report: MSE, then Smooth L1).", choices=AUDIO_LOSSES
     )
-    loss: str = _field(
-        "mse",
-        "audio",
-        "Regression loss (report: MSE, then Smooth L1).",
-        choices=AUDIO_LOSSES,
-        tasks=AUDIO,
-    )
-    bar: int = _field(
+    bar: int = _audio(
         20,
-        "audio",
         "Hit rate: the candidate window grows to the BAR most recent test plays.",
-        tasks=AUDIO,
         bound=POSITIVE,
     )
-    holdout: str = _field(
+    holdout: str = _audio(
         "test",
-        "audio",
         "test: score each month's last 20 %; validation: leave those plays out and split each "
         "month's training plays 80/20 again, to choose settings without the test plays.",
         choices=HOLDOUTS,
-        tasks=AUDIO,
     )
 
     def __post_init__(self) -> None:

@@ -34,17 +34,8 @@ def recurrent_stack(
             kernels.FixedLengthGRU(hidden_size, dropout, name=f"gru_{i}") for i in range(num_layers)
         ]
     layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[cell]
-    return [
-        layer_class(
-            hidden_size,
-            return_sequences=True,
-            return_state=True,
-            dropout=dropout,
-            unroll=fixed_length,
-            name=f"{cell}_{i}",
-        )
-        for i in range(num_layers)
-    ]
+    options = dict(return_sequences=True, return_state=True, dropout=dropout, unroll=fixed_length)
+    return [layer_class(hidden_size, name=f"{cell}_{i}", **options) for i in range(num_layers)]
 
 
 def saved_config(model: keras.Model, base: dict) -> dict:
@@ -380,6 +371,16 @@ class AudioFeatureModel(keras.Model):
         return ops.reshape(y, (-1, self.pred_steps, self.num_features))
 
 
+def stack_args(config: config_lib.Config) -> dict:
+    """The settings of the shared recurrent stack (`recurrent_stack`), as both models take them."""
+    return dict(
+        cell=config.cell,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        dropout=config.dropout,
+    )
+
+
 def build_audio_model(config: config_lib.Config, num_features: int) -> AudioFeatureModel:
     """A built `AudioFeatureModel` of the `--task=audio_features` flags, compiled with Adam
     (`--learning_rate`, `--max_grad_norm`), the `--loss` of `AUDIO_LOSSES` and XLA."""
@@ -387,10 +388,7 @@ def build_audio_model(config: config_lib.Config, num_features: int) -> AudioFeat
         num_features=num_features,
         seq_len=config.seq_len,
         pred_steps=config.pred_steps,
-        cell=config.cell,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        dropout=config.dropout,
+        **stack_args(config),
     )
     model.build()
     loss = AUDIO_LOSSES[config.loss]()
@@ -411,17 +409,14 @@ def build_model(
     """
     model = MusicModel(
         num_songs=num_songs,
-        cell=config.cell,
-        num_layers=config.num_layers,
         embedding_size=config.embedding_size,
-        hidden_size=config.hidden_size,
-        dropout=config.dropout,
         batch_size=config.batch_size,
         tie_embeddings=config.tie_embeddings,
         loss_weighting=config.loss_weighting,
         softmax=config.softmax,
         num_sampled=config.num_sampled,
         song_counts=song_counts,
+        **stack_args(config),
     )
     model.build()
     # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
