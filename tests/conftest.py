@@ -1,15 +1,50 @@
-"""Shared fixtures: tiny hand-made Yes.com directories and slices of the shipped data."""
+"""Shared fixtures: tiny hand-made Yes.com directories, slices of the shipped data, the CLI run
+in a subprocess."""
 
 from __future__ import annotations
 
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEEPCF = ROOT / "deepcf.py"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def quiet_env() -> dict[str, str]:
+    """This process's environment with TensorFlow's C++ logging at warnings and up."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+
+
+def cli_command(*args: str) -> list[str]:
+    """The argv of `python deepcf.py args...`."""
+    return [sys.executable, str(DEEPCF), *args]
+
+
+def run_python(
+    *args: str, cwd: pathlib.Path | str = ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Runs `python args...` in `cwd` (the repository root by default), output captured as text."""
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=quiet_env(),
+        timeout=timeout,
+    )
+
+
+def run_cli(
+    *args: str, cwd: pathlib.Path | str = ROOT, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Runs the CLI, `python deepcf.py args...`, as `run_python` does."""
+    return run_python(str(DEEPCF), *args, cwd=cwd, timeout=timeout)
 
 
 def write_playlist_file(path: pathlib.Path, playlists: list[list[int]], num_songs: int) -> None:

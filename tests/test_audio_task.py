@@ -7,8 +7,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ import errors
 import kernels
 import modeltrainer
 import musicmodel
-from conftest import ROOT
+from conftest import ROOT, run_cli
 from errors import DataError
 
 HARRY = ROOT / "data" / "harry2687-spotify-2023"
@@ -144,20 +142,13 @@ def test_train_writes_one_model_per_month(trained):
 
 
 def test_eval_cli_writes_hit_rate_json_chart_and_tensorboard(trained):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deepcf.py"),
-            "--mode=eval",
-            "--task=audio_features",
-            f"--listening_log={trained.listening_log}",
-            f"--features={trained.features}",
-            f"--model_dir={trained.model_dir}",
-            "--hidden_size=8",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = run_cli(
+        "--mode=eval",
+        "--task=audio_features",
+        f"--listening_log={trained.listening_log}",
+        f"--features={trained.features}",
+        f"--model_dir={trained.model_dir}",
+        "--hidden_size=8",
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[window] hit rate" in result.stdout and "[open_catalog] hit rate" in result.stdout

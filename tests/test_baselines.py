@@ -6,7 +6,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import errors
 import metrics
 import tasks
 import yes_reader
-from conftest import ROOT
+from conftest import run_cli
 
 
 def tokens(playlists: list[list[int]]) -> list[np.ndarray]:
@@ -192,19 +191,12 @@ def trained(small_slice, tmp_path_factory) -> config_lib.Config:
 
 
 def run_eval(cfg: config_lib.Config, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deepcf.py"),
-            "--mode=eval",
-            f"--data_dir={cfg.data_dir}",
-            f"--model_dir={cfg.model_dir}",
-            f"--num_steps={cfg.num_steps}",
-            *flags,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    return run_cli(
+        "--mode=eval",
+        f"--data_dir={cfg.data_dir}",
+        f"--model_dir={cfg.model_dir}",
+        f"--num_steps={cfg.num_steps}",
+        *flags,
     )
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import config as config_lib
 import tasks
-from conftest import ROOT, SMALL_MODEL, train_small
+from conftest import SMALL_MODEL, run_cli, train_small
 
 
 def scalars(run_dir: str, split: str) -> dict[str, list[tuple[int, float]]]:
@@ -61,17 +59,8 @@ def test_tensorboard_has_train_and_validation_scalars(trained):
 
 
 def test_eval_cli_writes_metrics_json(trained):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deepcf.py"),
-            "--mode=eval",
-            f"--data_dir={trained.data_dir}",
-            f"--model_dir={trained.model_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = run_cli(
+        "--mode=eval", f"--data_dir={trained.data_dir}", f"--model_dir={trained.model_dir}"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "R@20" in result.stdout

@@ -14,7 +14,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 
 import keras
 import pytest
@@ -23,7 +22,7 @@ import audio_reader
 import errors
 import modeltrainer
 import yes_reader
-from conftest import ROOT, write_yes_dir
+from conftest import run_cli, write_yes_dir
 
 NUM_SONGS = 10
 TRAIN = [[0, 1, 2, 3], [4, 5, 6], [1, 3, 5, 7, 9], [2, 4, 6, 8]] * 3
@@ -36,19 +35,6 @@ TINY = [
     "--embedding_size=8",
     "--num_layers=1",
 ]
-
-
-def deepcf(*args: str) -> subprocess.CompletedProcess:
-    """Runs `python deepcf.py args...` from the repository root."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "deepcf.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=300,
-    )
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -79,7 +65,7 @@ def trained(tmp_path_factory) -> pathlib.Path:
     """A tiny model trained once by the CLI, with checkpoints every 2 steps (copy it to damage)."""
     root = tmp_path_factory.mktemp("trained")
     data = write_yes_dir(root / "data", TRAIN, TEST, NUM_SONGS)
-    result = deepcf(
+    result = run_cli(
         f"--data_dir={data}", f"--model_dir={root / 'run'}", "--checkpoint_every_steps=2", *TINY
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -92,7 +78,7 @@ def copy_run(trained: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
 
 def train_fails(data_dir: pathlib.Path, model_dir: pathlib.Path) -> str:
     """Runs a tiny training that must fail; returns its error line; checks model_dir is absent."""
-    line = error_line(deepcf(f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY))
+    line = error_line(run_cli(f"--data_dir={data_dir}", f"--model_dir={model_dir}", *TINY))
     assert not model_dir.exists()
     return line
 
@@ -200,7 +186,7 @@ def test_all_playlists_shorter_than_two(tmp_path):
 )
 def test_bad_flag_names_the_flag(yes_dir, tmp_path, flag):
     model_dir = tmp_path / "out"
-    result = deepcf(f"--data_dir={yes_dir}", f"--model_dir={model_dir}", flag)
+    result = run_cli(f"--data_dir={yes_dir}", f"--model_dir={model_dir}", flag)
     assert result.returncode != 0
     assert flag in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert not model_dir.exists()
@@ -212,7 +198,7 @@ def test_bad_flag_names_the_flag(yes_dir, tmp_path, flag):
 def test_eval_without_trained_model(yes_dir, tmp_path):
     model_dir = tmp_path / "empty"
     model_dir.mkdir()
-    line = error_line(deepcf("--mode=eval", f"--data_dir={yes_dir}", f"--model_dir={model_dir}"))
+    line = error_line(run_cli("--mode=eval", f"--data_dir={yes_dir}", f"--model_dir={model_dir}"))
     assert f"{model_dir / 'model.keras'}: no trained model; run --mode=train first" in line
     assert list(model_dir.iterdir()) == []
 
@@ -221,7 +207,7 @@ def test_eval_on_a_different_catalog(trained, tmp_path):
     other = write_yes_dir(tmp_path / "data12", TRAIN, TEST, NUM_SONGS + 2)
     before = snapshot(trained / "run")
     line = error_line(
-        deepcf("--mode=eval", f"--data_dir={other}", f"--model_dir={trained / 'run'}")
+        run_cli("--mode=eval", f"--data_dir={other}", f"--model_dir={trained / 'run'}")
     )
     assert f"--model_dir={trained / 'run'}: the model was trained on {NUM_SONGS} songs" in line
     assert f"--data_dir={other} has {NUM_SONGS + 2}" in line
@@ -237,7 +223,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(trained, tmp_path)
     run = copy_run(trained, tmp_path)
     *_, older, newest = checkpoint_steps(run)
     os.truncate(run / "checkpoints" / f"ckpt-{newest}.data-00000-of-00001", 100)
-    result = deepcf(f"--data_dir={trained / 'data'}", f"--model_dir={run}", *TINY, "--num_epochs=2")
+    result = run_cli(
+        f"--data_dir={trained / 'data'}", f"--model_dir={run}", *TINY, "--num_epochs=2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"ckpt-{newest} is unreadable" in result.stderr
     assert f"resuming from {run / 'checkpoints'}/ckpt-{older} at step {older}" in result.stderr
@@ -249,7 +237,7 @@ def test_all_checkpoints_corrupt_is_an_error_and_keeps_the_model(trained, tmp_pa
         data.write_bytes(b"\0" * 10)
     model_before = (run / "model.keras").read_bytes()
     line = error_line(
-        deepcf(f"--data_dir={trained / 'data'}", f"--model_dir={run}", *TINY, "--num_epochs=2")
+        run_cli(f"--data_dir={trained / 'data'}", f"--model_dir={run}", *TINY, "--num_epochs=2")
     )
     assert f"{run / 'checkpoints'}: no checkpoint could be restored" in line
     assert (run / "model.keras").read_bytes() == model_before
@@ -259,7 +247,9 @@ def test_truncated_model_file(trained, tmp_path):
     run = copy_run(trained, tmp_path)
     os.truncate(run / "model.keras", 1000)
     before = snapshot(run)
-    line = error_line(deepcf("--mode=eval", f"--data_dir={trained / 'data'}", f"--model_dir={run}"))
+    line = error_line(
+        run_cli("--mode=eval", f"--data_dir={trained / 'data'}", f"--model_dir={run}")
+    )
     assert f"{run / 'model.keras'}: not a complete .keras file" in line
     assert snapshot(run) == before
 
@@ -270,7 +260,7 @@ def test_truncated_model_file(trained, tmp_path):
 def test_model_dir_not_writable(yes_dir, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory\n")
-    line = error_line(deepcf(f"--data_dir={yes_dir}", f"--model_dir={blocker / 'run'}", *TINY))
+    line = error_line(run_cli(f"--data_dir={yes_dir}", f"--model_dir={blocker / 'run'}", *TINY))
     assert f"--model_dir={blocker / 'run'}: not writable" in line
     assert blocker.read_text() == "not a directory\n"
 
@@ -279,7 +269,9 @@ def test_unwritable_output_leaves_no_temp_file(trained, tmp_path):
     run = copy_run(trained, tmp_path)
     (run / "metrics.json").mkdir()  # os.replace onto a directory fails like a full disk would
     before = snapshot(run)
-    line = error_line(deepcf("--mode=eval", f"--data_dir={trained / 'data'}", f"--model_dir={run}"))
+    line = error_line(
+        run_cli("--mode=eval", f"--data_dir={trained / 'data'}", f"--model_dir={run}")
+    )
     assert str(run / "metrics.json") in line
     assert snapshot(run) == before and not list(run.glob(".tmp-*"))
 
@@ -344,7 +336,7 @@ def test_audio_features_bad_input(tmp_path, table, log, where, message):
     (tmp_path / "log.json").write_text(json.dumps(plays, indent=2))
     model_dir = tmp_path / "out"
     line = error_line(
-        deepcf(
+        run_cli(
             "--task=audio_features",
             f"--listening_log={tmp_path / 'log.json'}",
             f"--features={tmp_path / 't.csv'}",

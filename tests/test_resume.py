@@ -5,23 +5,21 @@ the last good checkpoint and model.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_errors import NUM_SONGS, TEST, TINY, TRAIN, deepcf, error_line
+from test_errors import NUM_SONGS, TEST, TINY, TRAIN, error_line
 
 import config as config_lib
 import modeltrainer
 import tasks
-from conftest import ROOT, write_yes_dir
+from conftest import ROOT, cli_command, quiet_env, run_cli, write_yes_dir
 
 EVERY = 5  # --checkpoint_every_steps of the killed run
 SLICE_FLAGS = [
@@ -37,9 +35,8 @@ SLICE_FLAGS = [
 ]
 
 
-def command(data_dir: pathlib.Path, model_dir: pathlib.Path) -> list[str]:
-    flags = [f"--data_dir={data_dir}", f"--model_dir={model_dir}", *SLICE_FLAGS]
-    return [sys.executable, str(ROOT / "deepcf.py"), *flags]
+def flags(data_dir: pathlib.Path, model_dir: pathlib.Path) -> list[str]:
+    return [f"--data_dir={data_dir}", f"--model_dir={model_dir}", *SLICE_FLAGS]
 
 
 def failure(stderr: str) -> str:
@@ -56,9 +53,9 @@ def newest_checkpoint(model_dir: pathlib.Path) -> int:
 def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_run(
     small_slice, tmp_path
 ):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env = quiet_env()
     reference = subprocess.Popen(
-        command(small_slice, tmp_path / "reference"),
+        cli_command(*flags(small_slice, tmp_path / "reference")),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         cwd=ROOT,
@@ -68,7 +65,7 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
     killed_dir = tmp_path / "killed"
     victim_log = tmp_path / "killed.log"
     victim = subprocess.Popen(
-        command(small_slice, killed_dir),
+        cli_command(*flags(small_slice, killed_dir)),
         stdout=subprocess.DEVNULL,
         stderr=victim_log.open("w"),
         cwd=ROOT,
@@ -86,9 +83,7 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
     mid_save = any("_temp" in p.name for p in (killed_dir / "checkpoints").iterdir())
     assert saved >= EVERY
 
-    resumed = subprocess.run(
-        command(small_slice, killed_dir), capture_output=True, text=True, cwd=ROOT, env=env
-    )
+    resumed = run_cli(*flags(small_slice, killed_dir))
     assert resumed.returncode == 0, failure(resumed.stderr)
     assert f"resuming from {killed_dir / 'checkpoints'}/ckpt-{saved} at step {saved}" in (
         resumed.stderr
@@ -123,7 +118,9 @@ def tiny_run(tmp_path) -> tuple[pathlib.Path, pathlib.Path]:
     """A tiny data dir and a 1-epoch run in it with a checkpoint after every step."""
     data = write_yes_dir(tmp_path / "data", TRAIN, TEST, NUM_SONGS)
     run = tmp_path / "run"
-    result = deepcf(f"--data_dir={data}", f"--model_dir={run}", *TINY, "--checkpoint_every_steps=1")
+    result = run_cli(
+        f"--data_dir={data}", f"--model_dir={run}", *TINY, "--checkpoint_every_steps=1"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return data, run
 
@@ -142,7 +139,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     # non-finite, and the next loss is NaN. (At 1e38 the weights stay finite, ~1e38, and since
     # padding gets no logits the loss of the real events can stay finite a step longer: the guard
     # only sees losses, so it would keep that checkpoint.)
-    result = deepcf(*base, "--num_epochs=2", "--learning_rate=1e39")
+    result = run_cli(*base, "--num_epochs=2", "--learning_rate=1e39")
     assert result.returncode == 3, result.stderr[-3000:]
     line = error_line(result)
     match = re.search(r"training loss became nan at step (\d+).*checkpoint: (\S+)\)", line)
@@ -160,6 +157,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_
     assert (run / "model.keras").read_bytes() == model_before
 
     # With a sane learning rate the same command goes on from the last good checkpoint.
-    again = deepcf(*base, "--num_epochs=2")
+    again = run_cli(*base, "--num_epochs=2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {last_good} at step {nan_step - 2}" in again.stderr

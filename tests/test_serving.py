@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -28,7 +26,7 @@ import next_song_task
 import serving
 import tasks
 import yes_reader
-from conftest import ROOT, train_small
+from conftest import run_cli, run_python, train_small
 
 HISTORIES = [[12, 845, 3001], [7], [100, 200, 12, 100]]  # different lengths: padding matters
 
@@ -50,15 +48,6 @@ def reference_top_k(model, history: list[int], k: int, exclude: bool = True):
     probs = tf.nn.softmax(logits[0, -1]).numpy()
     order = [s for s in np.argsort(-probs, kind="stable") if not (exclude and s in history)]
     return np.array(order[:k]), probs[order[:k]]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "deepcf.py"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
 
 
 def test_recommend_cli_prints_k_rows_with_titles(trained, model):
@@ -196,11 +185,9 @@ def test_export_reloads_in_a_fresh_process_and_matches(trained, model, tmp_path)
     width = max(map(len, HISTORIES))
     padded = [h + [99999] * (width - len(h)) for h in HISTORIES]
     lengths = [len(h) for h in HISTORIES]
-    fresh = subprocess.run(  # -I: no project module is importable, only installed packages
-        [sys.executable, "-I", "-c", FRESH_PROCESS, path, json.dumps(padded), json.dumps(lengths)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+    # -I: no project module is importable, only installed packages.
+    fresh = run_python(
+        "-I", "-c", FRESH_PROCESS, path, json.dumps(padded), json.dumps(lengths), cwd=tmp_path
     )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     served = json.loads(fresh.stdout.splitlines()[-1])
@@ -267,17 +254,7 @@ def test_progress_lines_have_rate_and_eta(trained, model, monkeypatch, caplog):
 def test_help_lists_every_flag_by_group_from_the_console_script():
     # The console script's __main__ is a wrapper, not deepcf.py: absl's own --help would list
     # nothing there. Run it the way the installed `deepcf` command does.
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, deepcf; sys.argv[0] = 'deepcf'; deepcf.run()",
-            "--help",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    result = run_python("-c", "import sys, deepcf; sys.argv[0] = 'deepcf'; deepcf.run()", "--help")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     headers = [

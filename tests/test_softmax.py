@@ -279,16 +279,12 @@ def test_exported_step_signature_matches_the_model(tmp_path):
 
 
 def test_cli_rejects_more_samples_than_songs_before_writing(small_slice, tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import ROOT
+    from conftest import run_cli
 
     model_dir = tmp_path / "run"
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "deepcf.py"), f"--data_dir={small_slice}",
-         f"--model_dir={model_dir}", "--softmax=sampled", "--num_sampled=3168"],
-        capture_output=True, text=True, timeout=300,
+    done = run_cli(
+        f"--data_dir={small_slice}", f"--model_dir={model_dir}", "--softmax=sampled",
+        "--num_sampled=3168",
     )  # fmt: skip
     assert done.returncode == 2
     assert "--num_sampled=3168: must be in 1..3167" in done.stderr
