@@ -45,9 +45,22 @@ def failure(stderr: str) -> str:
 
 
 def newest_checkpoint(model_dir: pathlib.Path) -> int:
-    """The step of the newest complete checkpoint, as the `checkpoint` file names it."""
-    text = (model_dir / "checkpoints" / "checkpoint").read_text()
-    return int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', text, re.M).group(1))
+    """The step of the newest complete checkpoint, as the `checkpoint` file names it (0: none)."""
+    state = model_dir / "checkpoints" / "checkpoint"
+    if not state.exists():  # TensorFlow writes it by renaming a complete temporary file
+        return 0
+    return int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', state.read_text(), re.M)[1])
+
+
+def wait_for_checkpoint(
+    run: subprocess.Popen, model_dir: pathlib.Path, step: int, timeout: float = 300
+) -> None:
+    """Polls until `run` has checkpointed step `step` or later; fails if it ends or times out."""
+    deadline = time.monotonic() + timeout
+    while newest_checkpoint(model_dir) < step:
+        assert run.poll() is None, f"training ended (status {run.returncode}) before step {step}"
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} after {timeout} s"
+        time.sleep(0.01)
 
 
 def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_run(
@@ -71,17 +84,15 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
         cwd=ROOT,
         env=env,
     )
-    state = killed_dir / "checkpoints" / "checkpoint"
-    while not state.exists() and victim.poll() is None:
-        time.sleep(0.01)
-    time.sleep(0.3)  # let it run on past the first checkpoint, into later steps
+    # Kill it once it has run on past its first checkpoint, into later steps.
+    wait_for_checkpoint(victim, killed_dir, 2 * EVERY)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait() == -signal.SIGKILL, failure(victim_log.read_text())
     assert not (killed_dir / "model.keras").exists(), "finished before the kill: train longer"
     saved = newest_checkpoint(killed_dir)
     # A save cut short leaves TensorFlow's `ckpt-N_temp` directory: those N steps are lost too.
     mid_save = any("_temp" in p.name for p in (killed_dir / "checkpoints").iterdir())
-    assert saved >= EVERY
+    assert saved >= 2 * EVERY
 
     resumed = run_cli(*flags(small_slice, killed_dir))
     assert resumed.returncode == 0, failure(resumed.stderr)
@@ -105,12 +116,19 @@ def test_kill_9_resumes_from_the_last_checkpoint_and_matches_an_uninterrupted_ru
             np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=a.path
         )
 
-    config = config_lib.make_config(
-        dict(data_dir=str(small_slice), model_dir=str(killed_dir), num_steps=5)
-    )
-    results = tasks.TASKS["next_song"].evaluate(config)
-    assert results["events"] > 0 and np.isfinite(results["log_likelihood"])
-    assert (killed_dir / "metrics.json").exists()
+    # And --mode=eval scores the resumed model as it scores the uninterrupted one.
+    results = {}
+    for run in ("killed", "reference"):
+        config = config_lib.make_config(
+            dict(data_dir=str(small_slice), model_dir=str(tmp_path / run), num_steps=5)
+        )
+        results[run] = tasks.TASKS["next_song"].evaluate(config)
+        assert (tmp_path / run / "metrics.json").exists()
+    killed, reference = results["killed"], results["reference"]
+    assert killed["events"] == reference["events"]
+    assert killed["log_likelihood"] == pytest.approx(reference["log_likelihood"], rel=1e-5)
+    for kind in ("recall", "mrr", "ndcg"):
+        assert killed[kind] == pytest.approx(reference[kind], rel=1e-5), kind
 
 
 @pytest.fixture
