@@ -1,5 +1,5 @@
 """Shared fixtures: tiny hand-made Yes.com directories, slices of the shipped data, the CLI run
-in a subprocess."""
+in a subprocess, and the model's view of every event, worked out independently."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -104,3 +105,35 @@ def small_slice(tmp_path_factory) -> pathlib.Path:
             lines = [next(f) for _ in range(keep + 2)]
         (out / name).write_text("".join(lines))
     return out
+
+
+def reference_events(model, playlists: list) -> tuple:
+    """The model's view of every event of `playlists`, worked out without the evaluation code.
+
+    One `MusicModel.forward` from a zero state over all playlists at once, each from position 0
+    (the padding after a playlist's end cannot reach its earlier positions): no windows, no
+    carried state, no metrics code.
+
+    Args:
+      model: a `musicmodel.MusicModel`.
+      playlists: int32 [length] token arrays (song id + 1); those shorter than 2 have no event.
+
+    Returns:
+      (log_probs float64 [events], ranks int64 [events]), events in playlist order: the natural
+      log-probability of each next song, and its rank with ties counted against it (1 + the
+      other songs whose logit is >= its own).
+    """
+    from scipy.special import log_softmax
+
+    playlists = [p for p in playlists if len(p) >= 2]
+    width = max(map(len, playlists))
+    tokens = np.array([np.pad(p, (0, width - len(p))) for p in playlists], np.int32)
+    logits, _ = model.forward(tokens, model.zero_state(len(playlists)))
+    logits = np.asarray(logits)
+    log_probs, ranks = [], []
+    for row, playlist in enumerate(playlists):
+        scores, targets = logits[row, : len(playlist) - 1], playlist[1:, None] - 1
+        ranks.append((scores >= np.take_along_axis(scores, targets, -1)).sum(-1))
+        log_p = log_softmax(scores.astype(np.float64), -1)
+        log_probs.append(np.take_along_axis(log_p, targets, -1)[:, 0])
+    return np.concatenate(log_probs), np.concatenate(ranks)
