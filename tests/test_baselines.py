@@ -15,9 +15,10 @@ import blend
 import config as config_lib
 import errors
 import metrics
+import modeltrainer
 import tasks
 import yes_reader
-from conftest import run_cli
+from conftest import reference_events, run_cli
 
 
 def tokens(playlists: list[list[int]]) -> list[np.ndarray]:
@@ -214,10 +215,19 @@ def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained):
     assert m["baselines"]["sknn"]["log_likelihood"] is None
     assert m["blend"]["weights"] == {"rnn": 0.5, "markov": 0.5}
     assert m["blend"]["events"] == m["events"]
-    # A blend puts mass on the model's choices: its log-likelihood is at least the weighted mean
-    # of the two components' (concavity of log).
-    floor = 0.5 * m["log_likelihood"] + 0.5 * m["baselines"]["markov"]["log_likelihood"]
-    assert m["blend"]["log_likelihood"] >= floor - 1e-4
+    # Per test event, p_blend = 0.5 p_model + 0.5 p_markov; p_model from a forward pass over each
+    # whole playlist, p_markov from Markov fitted as --mode=eval fits it (train, beta on valid).
+    test = yes_reader.read_playlists(os.path.join(trained.data_dir, "test.txt"), 3168)
+    model_log_p, _ = reference_events(modeltrainer.load_model(trained.model_dir), test)
+    data = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed)
+    markov = baselines.fit(["markov"], data)["markov"]
+    histories = [p[:t] - 1 for p in test for t in range(1, len(p))]
+    targets = np.concatenate([p[1:] - 1 for p in test])
+    markov_p = markov.probabilities(histories)[np.arange(len(targets)), targets]
+    assert m["log_likelihood"] == pytest.approx(np.mean(model_log_p), rel=1e-5)
+    assert m["baselines"]["markov"]["log_likelihood"] == pytest.approx(np.mean(np.log(markov_p)))
+    blend = np.log(0.5 * np.exp(model_log_p) + 0.5 * markov_p)
+    assert m["blend"]["log_likelihood"] == pytest.approx(np.mean(blend), rel=1e-5)
 
 
 def test_eval_cli_tunes_blend_weights_on_validation(trained):
@@ -226,7 +236,9 @@ def test_eval_cli_tunes_blend_weights_on_validation(trained):
     m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
     weights = m["blend"]["weights"]
     assert set(weights) == {"rnn", "markov"} and sum(weights.values()) == pytest.approx(1.0)
-    assert m["blend"]["validation"]["events"] > 0 and "baselines" in m
+    valid = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed).valid
+    assert m["blend"]["validation"]["events"] == sum(max(len(p) - 1, 0) for p in valid)
+    assert "baselines" in m
 
 
 def test_unknown_baseline_is_a_flag_error(trained):
