@@ -130,15 +130,15 @@ def step_seconds(fit, num_steps: int, warmup: int) -> float:
     return float(np.percentile(times[warmup:], 25))
 
 
-def run_train(spec: dict) -> dict:
-    """One training configuration: transitions/s, GFLOP/s (RSS is added by the caller)."""
+def train_setup(spec: dict) -> tuple:
+    """(model, fit): `fit(callbacks)` trains the model of one configuration over its windows."""
     import keras
 
     import yes_reader
 
     keras.utils.set_random_seed(0)
-    catalog, steps = spec["catalog"], spec["warmup"] + spec["steps"]
-    windows = synthetic_windows(catalog, steps)
+    catalog = spec["catalog"]
+    windows = synthetic_windows(catalog, spec["warmup"] + spec["steps"])
     if spec["impl"] == "plain":
         model = plain_model(catalog)
         x = windows.inputs.reshape(-1, STEPS)  # window-major rows: batch i = window i
@@ -166,9 +166,16 @@ def run_train(spec: dict) -> dict:
         def fit(callbacks):
             model.fit(yes_reader.to_dataset(windows), verbose=0, callbacks=callbacks)
 
-    seconds = step_seconds(fit, steps, spec["warmup"])
+    return model, fit
+
+
+def run_train(spec: dict) -> dict:
+    """One training configuration: transitions/s, GFLOP/s (RSS is added by the caller)."""
+    _, fit = train_setup(spec)
+    seconds = step_seconds(fit, spec["warmup"] + spec["steps"], spec["warmup"])
     rate = BATCH * STEPS / seconds
-    return {"transitions_per_s": rate, "gflops": rate * train_flops(catalog, spec["softmax"]) / 1e9}
+    flops = train_flops(spec["catalog"], spec["softmax"])
+    return {"transitions_per_s": rate, "gflops": rate * flops / 1e9}
 
 
 def run_ceiling(spec: dict) -> dict:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny hand-made Yes.com directories, slices of the shipped data, the CLI run
-in a subprocess, and the model's view of every event, worked out independently."""
+in a subprocess, the model's view of every event worked out independently; the `smoke` and
+`benchmark` markers."""
 
 from __future__ import annotations
 
@@ -15,6 +16,30 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEEPCF = ROOT / "deepcf.py"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--benchmark", action="store_true", help="also run the timed benchmark (bench.py --quick)"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "smoke: a cheap check of a tool beside the library (runs by default)"
+    )
+    config.addinivalue_line(
+        "markers", "benchmark: times the code; skipped unless pytest is given --benchmark"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--benchmark"):
+        return
+    skip = pytest.mark.skip(reason="a timed benchmark: run with --benchmark")
+    for item in items:
+        if "benchmark" in item.keywords:
+            item.add_marker(skip)
 
 
 def quiet_env() -> dict[str, str]:
