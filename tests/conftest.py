@@ -73,6 +73,14 @@ def run_cli(
     return run_python(str(DEEPCF), *args, cwd=cwd, timeout=timeout)
 
 
+@pytest.fixture(scope="module")
+def model(trained):
+    """The model of the test module's `trained` fixture (a next-song Config), loaded once."""
+    import modeltrainer
+
+    return modeltrainer.load_model(trained.model_dir)
+
+
 def write_playlist_file(path: pathlib.Path, playlists: list[list[int]], num_songs: int) -> None:
     """Writes a Yes.com playlist file: two header lines of `num_songs` numbers, then playlists."""
     counts = [0] * num_songs

@@ -15,7 +15,6 @@ import blend
 import config as config_lib
 import errors
 import metrics
-import modeltrainer
 import tasks
 import yes_reader
 from conftest import reference_events, run_cli
@@ -201,7 +200,7 @@ def run_eval(cfg: config_lib.Config, *flags: str) -> subprocess.CompletedProcess
     )
 
 
-def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained):
+def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained, model):
     result = run_eval(trained, "--baselines=popularity,markov,sknn", "--blend=rnn:0.5,markov:0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split()[0] for line in result.stdout.splitlines()]
@@ -218,7 +217,7 @@ def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained):
     # Per test event, p_blend = 0.5 p_model + 0.5 p_markov; p_model from a forward pass over each
     # whole playlist, p_markov from Markov fitted as --mode=eval fits it (train, beta on valid).
     test = yes_reader.read_playlists(os.path.join(trained.data_dir, "test.txt"), 3168)
-    model_log_p, _ = reference_events(modeltrainer.load_model(trained.model_dir), test)
+    model_log_p, _ = reference_events(model, test)
     data = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed)
     markov = baselines.fit(["markov"], data)["markov"]
     histories = [p[:t] - 1 for p in test for t in range(1, len(p))]

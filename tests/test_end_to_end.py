@@ -11,7 +11,6 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 
 import config as config_lib
-import modeltrainer
 import tasks
 import yes_reader
 from conftest import SMALL_MODEL, reference_events, run_cli, train_small
@@ -47,11 +46,6 @@ def ranking(ranks: np.ndarray, k: int) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def trained(small_slice, tmp_path_factory) -> config_lib.Config:
     return train_small(small_slice, tmp_path_factory.mktemp("run"), num_epochs=3)
-
-
-@pytest.fixture(scope="module")
-def model(trained):
-    return modeltrainer.load_model(trained.model_dir)
 
 
 def test_training_writes_model_config_and_falling_loss(trained):

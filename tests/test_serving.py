@@ -36,11 +36,6 @@ def trained(small_slice, tmp_path_factory) -> config_lib.Config:
     return train_small(small_slice, tmp_path_factory.mktemp("serving_run"), num_epochs=1)
 
 
-@pytest.fixture(scope="module")
-def model(trained):
-    return modeltrainer.load_model(trained.model_dir)
-
-
 def reference_top_k(model, history: list[int], k: int, exclude: bool = True):
     """Top-k (ids, probabilities) from the logits after the last song of the unpadded history."""
     tokens = np.array([history], np.int32) + 1
