@@ -3,7 +3,7 @@
 The smoke tests run by default: the plain Keras reference and deepcf's training path, as the
 benchmark sets them up, take the same steps over the same windows with the same first loss; the
 FLOP count and the step-time statistic are worked out by hand. The --quick run of the whole
-benchmark is timed work, so it is marked `benchmark` and runs only with `pytest --benchmark`.
+benchmark is timed work, so it is marked `benchmark` and runs only with `pytest --run-benchmark`.
 """
 
 from __future__ import annotations
