@@ -192,6 +192,24 @@ def test_bad_flag_names_the_flag(yes_dir, tmp_path, flag):
     assert not model_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "task, flag",
+    [
+        ("audio_features", "--baselines=markov"),
+        ("audio_features", "--strategy=mirrored"),
+        ("next_song", "--seq_len=12"),
+    ],
+)
+def test_a_flag_the_task_ignores_is_refused_before_anything_is_written(tmp_path, task, flag):
+    model_dir = tmp_path / "out"
+    result = run_cli(f"--task={task}", f"--model_dir={model_dir}", flag)
+    assert result.returncode == 2
+    name, other = flag.split("=")[0], "next_song" if task == "audio_features" else "audio_features"
+    expected = f"deepcf: error: {name}: not used by --task={task} (only by --task={other})"
+    assert error_line(result) == expected
+    assert not model_dir.exists()
+
+
 # 13-15: eval and resume with a missing, foreign or damaged model.
 
 
