@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import audio_reader as ar
+import audio_windows
 import hitrate as hr
 from conftest import ROOT
 
@@ -137,8 +138,8 @@ def harry():
         str(folder / "StreamingHistory_music_*.json"),
         [str(folder / "full_track_features.csv"), str(folder / "track_features.csv")],
     )
-    splits = ar.split_months(data.months)
-    z, _, _ = ar.standardize(data.features, splits, "train")
+    splits = audio_windows.split_months(data.months)
+    z, _, _ = audio_windows.standardize(data.features, splits, "train")
     segments = [(s.month, s.test) for s in splits]
     return data, segments, hr.evaluate(segments, data.songs, z, hr.oracle(segments, z))
 
