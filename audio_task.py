@@ -26,13 +26,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+import audio_ranking
 import audio_reader
 import audio_windows
+import audiomodel
 import config as config_lib
 import hitrate
 import hooks
 import modeltrainer
-import musicmodel
 import rundir
 from errors import ConfigError
 
@@ -96,6 +97,7 @@ class AudioFeaturesTask:
     name = "audio_features"
 
     def train(self, config: config_lib.Config) -> None:
+        """Trains the `--audio_head`(s), each from `--seed` (so a head trains the same alone)."""
         keras.utils.set_random_seed(config.seed)
         data, splits, z = load_data(config)
         seq_len, pred_steps = config.seq_len, config.pred_steps
@@ -106,7 +108,17 @@ class AudioFeaturesTask:
         windows = {s.month: len(w) for s, w in zip(splits, dynamic, strict=True)}
         extra = {"plays": len(data.songs), "songs": len(data.names), "train_windows": windows}
         rundir.write_run_config(config, files, extra)
-        model = musicmodel.build_audio_model(config, z.shape[1])
+        if config.audio_head in ("both", "regression"):
+            self._train_regression(config, splits, z, dynamic)
+        if config.audio_head in ("both", "ranking"):
+            audio_ranking.train(config, data, splits, dynamic)
+
+    def _train_regression(
+        self, config: config_lib.Config, splits: list, z: np.ndarray, dynamic: list
+    ) -> None:
+        """The GRU report's monthly dynamic training of the feature regression."""
+        keras.utils.set_random_seed(config.seed)
+        model = audiomodel.build_audio_model(config, z.shape[1])
         fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
         for split, index in zip(splits, dynamic, strict=True):
             model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
@@ -150,11 +162,13 @@ class AudioFeaturesTask:
             model = self._load(config, next(months), z.shape[1])
             return keras.ops.convert_to_numpy(model(x))
 
+        regression, ranking = (config.audio_head in ("both", h) for h in ("regression", "ranking"))
         results = hitrate.evaluate(
             [(s.month, s.test) for s in splits],
             data.songs,
             z,
-            predict,
+            predict if regression else None,
+            audio_ranking.rank_fn(config, data, splits) if ranking else None,
             seq_len=config.seq_len,
             pred_steps=config.pred_steps,
             bar=config.bar,
@@ -189,7 +203,14 @@ class AudioFeaturesTask:
         return payload
 
     def recommend(self, config: config_lib.Config) -> list[dict]:
-        raise ConfigError(f"--mode=recommend: not available for --task={self.name}")
+        """The next `--pred_steps` songs after the log's last plays, by the ranking head."""
+        if config.audio_head == "regression":
+            raise ConfigError(
+                "--audio_head=regression: --mode=recommend needs the ranking head "
+                "(--audio_head=ranking or both)"
+            )
+        data, splits, _ = load_data(config)
+        return audio_ranking.recommend(config, data, splits)
 
     def export(self, config: config_lib.Config) -> str:
         raise ConfigError(f"--mode=export: not available for --task={self.name}")

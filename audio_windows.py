@@ -162,3 +162,21 @@ def check_windows(data: AudioData, splits: Sequence[MonthSplit], seq_len: int, p
             f"test part has the {need} plays one window needs (seq_len {seq_len} + pred_steps "
             f"{pred_steps}; largest has {biggest})"
         )
+
+
+def monthly_z(features: np.ndarray, splits: Sequence[MonthSplit]) -> list[np.ndarray]:
+    """Per month k, the features z-scored with the mean and std of the plays before month k's
+    test part (its training plays and all earlier months): no test or later play is looked at.
+
+    Args:
+      features: float [plays, F], time order; splits: the monthly splits of those plays.
+
+    Returns:
+      One float32 [plays, F] array per month (a constant feature gets std 1).
+    """
+    out = []
+    for split in splits:
+        end = int(split.test[0]) if len(split.test) else int(split.train[-1]) + 1
+        mean, std = features[:end].mean(axis=0), features[:end].std(axis=0)
+        out.append(((features - mean) / np.where(std > 0, std, 1.0)).astype(np.float32))
+    return out

@@ -21,6 +21,8 @@ STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
 AUDIO_LOSSES = ("mse", "smooth_l1")
 STANDARDIZE = ("train", "global")
 HOLDOUTS = ("test", "validation")
+AUDIO_HEADS = ("both", "ranking", "regression")
+RANKING_QUERIES = ("none", "gru")
 _HARRY = "data/harry2687-spotify-2023"
 # Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
 # the GRU report's chapter 3 settings (2 GRU layers of 512 units, Adam 0.01, batch 1, 5 epochs
@@ -286,6 +288,34 @@ class Config:
         "test: score each month's last 20 %; validation: leave those plays out and split each "
         "month's training plays 80/20 again, to choose settings without the test plays.",
         choices=HOLDOUTS,
+    )
+    audio_head: str = _audio(
+        "both",
+        "ranking: candidates ranked by listening priors and audio similarity (the default "
+        "recommender); regression: the GRU report's feature regression and nearest-feature "
+        "matching, as the report did it; both: train and score both.",
+        choices=AUDIO_HEADS,
+    )
+    ranking_query: str = _audio(
+        "none",
+        "Ranking head: none scores candidates by priors and audio similarities only; gru adds a "
+        "learned similarity between a GRU query over the plays read and each candidate (lower "
+        "on harry2687's validation split, see README).",
+        choices=RANKING_QUERIES,
+    )
+    identity_embedding: bool = _audio(
+        False, "Ranking head with --ranking_query=gru: songs also carry a learned embedding."
+    )
+    ranking_batch_size: int = _audio(32, "Ranking head: samples per batch.", bound=POSITIVE)
+    ranking_learning_rate: float = _audio(
+        0.005, "Ranking head: Adam learning rate.", bound=POSITIVE
+    )
+    ranking_epochs: int = _audio(10, "Ranking head: epochs per month.", bound=POSITIVE)
+    num_negatives: int = _audio(
+        256,
+        "Ranking head, open catalog: negatives sampled per training sample from the songs "
+        "heard before (half uniform, half by sqrt(play count); logQ-corrected).",
+        bound=POSITIVE,
     )
 
     def __post_init__(self) -> None:

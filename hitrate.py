@@ -8,10 +8,11 @@ the input is t[i : i+seq_len], the truth the songs of t[i+seq_len : i+seq_len+pr
 - open catalog: candidates are all songs played before the prediction point (any month).
 
 Methods, each recommending up to k = 5 songs:
-- `model`: multi-step; each of the pred_steps predicted vectors picks its nearest candidate
-  (Euclidean); repeats allowed.
-- `model_single`: single-step; the first predicted vector ranks candidates by cosine similarity;
-  songs already in the list are skipped; top k distinct songs.
+- `ranking`: the ranking head's k distinct best-scored candidates (`audiomodel.AudioRankingModel`).
+- `model` (the regression head): multi-step; each of the pred_steps predicted vectors picks its
+  nearest candidate (Euclidean); repeats allowed.
+- `model_single` (the regression head): single-step; the first predicted vector ranks candidates
+  by cosine similarity; songs already in the list are skipped; top k distinct songs.
 - `recent`: the k most recently played distinct candidate songs.
 - `frequent`: the k most played candidate songs (ties: most recently played first).
 - `random`: k distinct candidate songs drawn uniformly; the exact expected hits, or the mean of
@@ -33,7 +34,8 @@ import numpy as np
 import rundir
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
-METHODS = ("model", "model_single", "recent", "frequent", "random", "ceiling")
+METHODS = ("ranking", "model", "model_single", "recent", "frequent", "random", "ceiling")
+RankFn = Callable[[str], dict[str, np.ndarray]]
 
 
 def nearest_songs(preds: np.ndarray, feats: np.ndarray, songs: np.ndarray) -> np.ndarray:
@@ -186,6 +188,7 @@ def evaluate(
     songs: np.ndarray,
     z: np.ndarray,
     predict_fn: PredictFn | None = None,
+    rank_fn: RankFn | None = None,
     *,
     seq_len: int = 10,
     pred_steps: int = 5,
@@ -201,7 +204,10 @@ def evaluate(
       songs: int [plays], song id of every play (all months, time order).
       z: float [plays, F], the (scaled) features the model sees; a song's plays share one vector.
       predict_fn: x float32 [N, seq_len, F] → float [N, pred_steps, F] (or [N, pred_steps * F]);
-        called once per month with that month's N windows in order. None: baselines only.
+        called once per month with that month's N windows in order. None: no `model` rows.
+      rank_fn: month label → {"window": int [N, k], "open_catalog": int [N, k]}, the ranking
+        head's k distinct songs (-1: none) for that month's N samples in order, over these same
+        candidates; called once per month. None: no `ranking` rows.
       seq_len, pred_steps, bar, k: protocol sizes (report: 10, 5, 20, 5).
       random_draws: 0 for the exact expectation of `random`, else the mean of this many draws.
       seed: seed of the random draws.
@@ -220,7 +226,7 @@ def evaluate(
         if n <= 0:
             continue
         rows = test[np.arange(n)[:, None] + np.arange(seq_len + pred_steps)]
-        preds = [None] * n
+        preds, ranked = [None] * n, rank_fn(month) if rank_fn is not None else None
         if predict_fn is not None:
             out = np.asarray(predict_fn(z[rows[:, :seq_len]].astype(np.float32)))
             preds = out.reshape(n, pred_steps, z.shape[1])
@@ -231,6 +237,8 @@ def evaluate(
             recent, frequent = recent_songs(cands, k), frequent_songs(cands, k)
             tally.score(("window", month), sample, cands, z[window], recent, frequent)
             seen = history.advance(row[seq_len])
+            for protocol in ranked or ():
+                tally.add(protocol, "ranking", month, is_hit(ranked[protocol][i], sample[0]))
             recent, frequent = seen[::-1][:k], history.frequent(seen, k)
             tally.score(("open_catalog", month), sample, seen, song_z[seen], recent, frequent)
     return tally.report()
@@ -286,7 +294,7 @@ def plot_hit_rate(results: dict, path: str, protocol: str = "window", title: str
     import matplotlib.pyplot as plt
 
     res = results[protocol]
-    main = "model" if "model" in res else "ceiling"
+    main = next(m for m in ("ranking", "model", "ceiling") if m in res)
     months = list(res[main]["months"])
     x = np.arange(len(months))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(months) + 2), 4.5))
@@ -297,8 +305,9 @@ def plot_hit_rate(results: dict, path: str, protocol: str = "window", title: str
     ax.set_xticks(x, months, rotation=45, ha="right")
     ax.set_ylabel("samples per month")
     rate = ax.twinx()
-    styles = {"model": "o-", "model_single": "s-", "ceiling": "--"}
-    colors = {"model": "tab:green", "model_single": "tab:brown", "ceiling": "black"}
+    styles = {"ranking": "D-", "model": "o-", "model_single": "s-", "ceiling": "--"}
+    colors = {"ranking": "tab:red", "model": "tab:green", "model_single": "tab:brown"}
+    colors["ceiling"] = "black"
     for method in (m for m in METHODS if m in res):
         values = [res[method]["months"][m]["hit_rate"] for m in months]
         label = f"{method} ({res[method]['hit_rate']:.3f})"

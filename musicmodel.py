@@ -1,8 +1,7 @@
-"""Recurrent music models: a shared LSTM|GRU trunk, the next-song head and the audio-feature head.
+"""Recurrent music models: the shared LSTM|GRU stack, the next-song model and `compile_model`.
 
 `MusicModel` is song embedding -> `num_layers` x LSTM or GRU -> dense logits over the catalog.
-`AudioFeatureModel` (the GRU report) reads `seq_len` audio-feature vectors through the same trunk
-and regresses the next `pred_steps` vectors from its last output.
+The audio task's models (`audiomodel.py`) read audio-feature vectors through the same stack.
 Training feeds `num_steps` windows of a batch one after the other; the final recurrent state of a
 window is kept in non-trainable variables and used as the initial state of the next window, except
 in rows whose `reset` flag is set (a new playlist starts there), which start from zeros.
@@ -319,58 +318,6 @@ def check_num_sampled(num_sampled: int, num_songs: int) -> None:
         )
 
 
-AUDIO_LOSSES = {  # --loss; Huber with delta 1 is PyTorch's SmoothL1Loss (beta 1)
-    "mse": keras.losses.MeanSquaredError,
-    "smooth_l1": lambda: keras.losses.Huber(delta=1.0),
-}
-
-
-@keras.saving.register_keras_serializable(package="deepcf")
-class AudioFeatureModel(keras.Model):
-    """Audio-feature regression: the next `pred_steps` feature vectors after `seq_len` plays.
-
-    Call input: float32 [batch, seq_len, num_features] (scaled features, oldest first); output:
-    float32 [batch, pred_steps, num_features]. Every window starts from a zero state: windows
-    overlap, so there is no state to carry between them. Trained by Keras' own `train_step` with
-    the loss given to `compile_model`. GRU layers are `FixedLengthGRU`s (LSTM layers unrolled) and
-    the train step is XLA-compiled (docs/results.md has the step times).
-    """
-
-    SAVED = ("num_features", "seq_len", "pred_steps", "cell", "num_layers", "hidden_size")
-    SAVED += ("dropout",)
-
-    def __init__(
-        self,
-        *,
-        num_features: int,
-        seq_len: int = 10,
-        pred_steps: int = 5,
-        cell: str = "gru",
-        num_layers: int = 2,
-        hidden_size: int = 512,
-        dropout: float = 0.0,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.num_features, self.seq_len, self.pred_steps = num_features, seq_len, pred_steps
-        self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
-        self.dropout = dropout
-        self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout, fixed_length=True)
-        self.head = layers.Dense(pred_steps * num_features, name="next_features")
-
-    def get_config(self) -> dict:
-        return saved_config(self, super().get_config())
-
-    def build(self, input_shape=None) -> None:
-        self.call(ops.zeros((1, self.seq_len, self.num_features)))
-        self.built = True
-
-    def call(self, features, training: bool = False):
-        x, _ = run_stack(self.rnns, features, [None] * self.num_layers, training=training)
-        y = self.head(x[:, -1])
-        return ops.reshape(y, (-1, self.pred_steps, self.num_features))
-
-
 def stack_args(config: config_lib.Config) -> dict:
     """The settings of the shared recurrent stack (`recurrent_stack`), as both models take them."""
     return dict(
@@ -379,21 +326,6 @@ def stack_args(config: config_lib.Config) -> dict:
         hidden_size=config.hidden_size,
         dropout=config.dropout,
     )
-
-
-def build_audio_model(config: config_lib.Config, num_features: int) -> AudioFeatureModel:
-    """A built `AudioFeatureModel` of the `--task=audio_features` flags, compiled with Adam
-    (`--learning_rate`, `--max_grad_norm`), the `--loss` of `AUDIO_LOSSES` and XLA."""
-    model = AudioFeatureModel(
-        num_features=num_features,
-        seq_len=config.seq_len,
-        pred_steps=config.pred_steps,
-        **stack_args(config),
-    )
-    model.build()
-    loss = AUDIO_LOSSES[config.loss]()
-    compile_model(model, config.learning_rate, config.max_grad_norm, loss, jit_compile=True)
-    return model
 
 
 def build_model(

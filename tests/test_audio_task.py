@@ -17,12 +17,12 @@ from test_end_to_end import scalars
 import audio_reader
 import audio_task
 import audio_windows
+import audiomodel
 import config as config_lib
 import errors
 import hitrate
 import kernels
 import modeltrainer
-import musicmodel
 from conftest import ROOT, run_cli
 from errors import DataError
 
@@ -31,10 +31,10 @@ MONTHS = ("2023-02", "2023-03", "2023-04")
 PLAYS_PER_MONTH = 150  # before cleaning; about half are >= 30 s and join
 
 
-def tiny_model(loss: str = "mse", num_features: int = 2, **sizes) -> musicmodel.AudioFeatureModel:
+def tiny_model(loss: str = "mse", num_features: int = 2, **sizes) -> audiomodel.AudioFeatureModel:
     sizes = {**dict(seq_len=3, pred_steps=2, num_layers=1, hidden_size=4), **sizes}
     config = config_lib.make_config(dict(task="audio_features", loss=loss, **sizes))
-    return musicmodel.build_audio_model(config, num_features)
+    return audiomodel.build_audio_model(config, num_features)
 
 
 def test_model_output_shape():
@@ -140,7 +140,7 @@ def test_train_writes_one_model_per_month(trained):
     assert run["plays"] == len(data.songs) and run["config"]["hidden_size"] == 8
     for month in MONTHS:
         model = month_model(trained, month)
-        assert isinstance(model, musicmodel.AudioFeatureModel) and model.hidden_size == 8
+        assert isinstance(model, audiomodel.AudioFeatureModel) and model.hidden_size == 8
         losses = scalars(audio_task.month_dir(trained, month), "train")["epoch_loss"]
         assert len(losses) == 1 and np.isfinite(losses[0][1])
     first, last = (month_model(trained, m).get_weights()[0] for m in (MONTHS[0], MONTHS[-1]))
@@ -165,7 +165,7 @@ def test_eval_cli_writes_hit_rate_json_chart_and_tensorboard(trained):
     # What needs no model comes out as hitrate gives it with the report's settings.
     segments = [(s.month, s.test) for s in splits]
     direct = hitrate.evaluate(segments, data.songs, z, None, seq_len=10, pred_steps=5, bar=20, k=5)
-    methods = ["model", "model_single", "recent", "frequent", "random", "ceiling"]
+    methods = ["ranking", "model", "model_single", "recent", "frequent", "random", "ceiling"]
     for protocol in audio_task.PROTOCOLS:
         assert list(out[protocol]) == methods
         for method in methods:
