@@ -153,7 +153,8 @@ class _Tally:
 
     def report(self) -> dict:
         out: dict = {}
-        for (protocol, method), months in self.counts.items():
+        cells = sorted(self.counts.items(), key=lambda cell: METHODS.index(cell[0][1]))
+        for (protocol, method), months in cells:
             rows = {m: {"samples": n, "hits": h, "hit_rate": h / n} for m, (n, h) in months.items()}
             n = sum(r["samples"] for r in rows.values())
             h = sum(r["hits"] for r in rows.values())

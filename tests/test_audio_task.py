@@ -237,7 +237,7 @@ def test_each_month_is_predicted_by_its_own_model(trained, monkeypatch, tmp_path
         return load(self, config, month, num_features)
 
     monkeypatch.setattr(audio_task.AudioFeaturesTask, "_load", recording)
-    config = dataclasses.replace(trained, model_dir=str(tmp_path))
+    config = dataclasses.replace(trained, model_dir=str(tmp_path), audio_head="regression")
     shutil.copytree(trained.model_dir + "/months", tmp_path / "months")
     out = audio_task.AudioFeaturesTask().evaluate(config)
     assert used == list(out["window"]["model"]["months"]) == ["2023-02", "2023-04"]
