@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -65,6 +65,46 @@ def schedule(
     return dataset.batch(batch_size).skip(step)
 
 
+def train_months(
+    model: keras.Model,
+    config: config_lib.Config,
+    splits: Sequence[audio_windows.MonthSplit],
+    dynamic: Sequence[np.ndarray],
+    *,
+    directory: Callable[[str], str],
+    num_epochs: int,
+    batch_size: int,
+    month_data: Callable[[int, np.ndarray], Callable[[int], tf.data.Dataset]],
+) -> None:
+    """The monthly dynamic training both heads share: month k trains `model` on the windows
+    `dynamic[k]` through the shared `Trainer` in `directory(month)`, starting from the weights
+    month k - 1 ended with and a fresh Adam; a rerun skips finished months and resumes the
+    unfinished one.
+
+    Args:
+      month_data: (k, windows) -> step -> the month's batches from that global step on; called
+        for every month in order before its training (also for a month without windows).
+    """
+    fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
+    for k, (split, rows) in enumerate(zip(splits, dynamic, strict=True)):
+        model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
+        make_dataset = month_data(k, rows)
+        trainer = modeltrainer.Trainer(
+            model,
+            directory(split.month),
+            num_epochs=num_epochs,
+            steps_per_epoch=max(1, math.ceil(len(rows) / batch_size)),
+            checkpoint_every_steps=config.checkpoint_every_steps,
+            perplexity=False,
+        )
+        if not len(rows):
+            logging.warning("month %s: no training window; model unchanged", split.month)
+            trainer.save()
+            continue
+        logging.info("month %s: %d training windows", split.month, len(rows))
+        trainer.train(make_dataset, [hooks.ProgressHook()])
+
+
 def train(
     config: config_lib.Config,
     data: audio_reader.AudioData,
@@ -76,33 +116,23 @@ def train(
     songs, num_songs, days = data.songs, len(data.names), play_days(data)
     monthly_z = audio_windows.monthly_z(data.features, splits)
     model = audiomodel.build_ranking_model(config, num_songs, data.features.shape[1])
-    fresh = [v.numpy() for v in model.optimizer.variables]
-    for k, (split, rows) in enumerate(zip(splits, dynamic, strict=True)):
-        model.optimizer.set_weights(fresh)
+    batch_size, num_epochs = config.ranking_batch_size, config.ranking_epochs
+
+    def month_data(k: int, rows: np.ndarray) -> Callable[[int], tf.data.Dataset]:
         model.song_z.assign(song_table(songs, monthly_z[k], num_songs))
-        trainer = modeltrainer.Trainer(
-            model,
-            ranking_dir(config, split.month),
-            num_epochs=config.ranking_epochs,
-            steps_per_epoch=max(1, math.ceil(len(rows) / config.ranking_batch_size)),
-            checkpoint_every_steps=config.checkpoint_every_steps,
-            perplexity=False,
-        )
         if not len(rows):
-            logging.warning("month %s: no training window; ranking model unchanged", split.month)
-            trainer.save()
-            continue
+            return lambda step: tf.data.Dataset.range(0)
         samples = priors.train_samples(
             songs, days, num_songs, rows, seq_len=config.seq_len, bar=config.bar,
             num_negatives=config.num_negatives, rng=np.random.default_rng([config.seed, k]),
         )  # fmt: skip
-        logging.info("month %s: %d ranking samples", split.month, len(rows))
-        trainer.train(
-            lambda step, s=samples, k=k: schedule(
-                s, config.ranking_batch_size, config.ranking_epochs, config.seed * 1000 + k, step
-            ),
-            [hooks.ProgressHook()],
-        )
+        seed = config.seed * 1000 + k
+        return lambda step: schedule(samples, batch_size, num_epochs, seed, step)
+
+    train_months(
+        model, config, splits, dynamic, directory=lambda month: ranking_dir(config, month),
+        num_epochs=num_epochs, batch_size=batch_size, month_data=month_data,
+    )  # fmt: skip
 
 
 def load(config: config_lib.Config, month: str) -> audiomodel.AudioRankingModel:

@@ -18,8 +18,8 @@ per-month scalars to TensorBoard (`model_dir/tensorboard/eval`).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -32,7 +32,6 @@ import audio_windows
 import audiomodel
 import config as config_lib
 import hitrate
-import hooks
 import modeltrainer
 import rundir
 from errors import ConfigError
@@ -119,27 +118,15 @@ class AudioFeaturesTask:
         """The GRU report's monthly dynamic training of the feature regression."""
         keras.utils.set_random_seed(config.seed)
         model = audiomodel.build_audio_model(config, z.shape[1])
-        fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
-        for split, index in zip(splits, dynamic, strict=True):
-            model.optimizer.set_weights(fresh)  # the weights carry over, the optimizer does not
-            x, y = audio_windows.to_arrays(z, index, config.seq_len)
-            trainer = modeltrainer.Trainer(
-                model,
-                month_dir(config, split.month),
-                num_epochs=config.num_epochs,
-                steps_per_epoch=math.ceil(len(x) / config.batch_size),
-                checkpoint_every_steps=config.checkpoint_every_steps,
-                perplexity=False,
-            )
-            if not len(x):
-                logging.warning("month %s: no training window; model unchanged", split.month)
-                trainer.save()
-                continue
-            logging.info("month %s: %d training windows", split.month, len(x))
-            trainer.train(
-                lambda step, x=x, y=y: schedule(x, y, config.batch_size, step),
-                [hooks.ProgressHook()],
-            )
+
+        def month_data(k: int, rows: np.ndarray) -> Callable[[int], tf.data.Dataset]:
+            x, y = audio_windows.to_arrays(z, rows, config.seq_len)
+            return lambda step: schedule(x, y, config.batch_size, step)
+
+        audio_ranking.train_months(
+            model, config, splits, dynamic, directory=lambda month: month_dir(config, month),
+            num_epochs=config.num_epochs, batch_size=config.batch_size, month_data=month_data,
+        )  # fmt: skip
 
     def _load(self, config: config_lib.Config, month: str, num_features: int) -> keras.Model:
         """Month `month`'s saved model, checked against the flags."""

@@ -192,14 +192,11 @@ def test_bad_flag_names_the_flag(yes_dir, tmp_path, flag):
     assert not model_dir.exists()
 
 
-@pytest.mark.parametrize(
-    "task, flag",
-    [
-        ("audio_features", "--baselines=markov"),
-        ("audio_features", "--strategy=mirrored"),
-        ("next_song", "--seq_len=12"),
-    ],
-)
+IGNORED = [("audio_features", "--baselines=markov"), ("audio_features", "--strategy=mirrored")]
+IGNORED.append(("next_song", "--seq_len=12"))
+
+
+@pytest.mark.parametrize("task, flag", IGNORED)
 def test_a_flag_the_task_ignores_is_refused_before_anything_is_written(tmp_path, task, flag):
     model_dir = tmp_path / "out"
     result = run_cli(f"--task={task}", f"--model_dir={model_dir}", flag)
