@@ -11,6 +11,7 @@ import collections
 import csv
 import dataclasses
 import os
+import re
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ CSV_HEADER = ("playlist_id", "position", "song_id")
 PROGRESS_SECONDS = 10  # at most one "parsed N of M lines" log line this often
 PROGRESS_LINES = 4096  # look at the clock only every this many lines
 MIN_EVENTS_NOTE = "a playlist of one song has no next song to predict"
+_ID = re.compile(r"[0-9]{1,18}")  # ASCII (str.isdigit takes '²'); more digits: past int64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ def read_catalog(path: str) -> Catalog:
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("\t")]
-        if len(fields) < 2 or not fields[0].isdigit():
+        if len(fields) < 2 or not _ID.fullmatch(fields[0]):
             raise DataError(f"{path}:{lineno}: expected 'id<TAB>title<TAB>artist', got {line!r}")
         if int(fields[0]) != len(titles):
             raise DataError(f"{path}:{lineno}: expected song id {len(titles)}, got {fields[0]}")
@@ -87,17 +89,24 @@ def read_catalog(path: str) -> Catalog:
     return Catalog(tuple(titles), tuple(artists))
 
 
+def _song_id(where: str, token: str, num_songs: int, name="song id", outside="outside") -> int:
+    """`token` as a song id of the catalog, or a DataError starting with `where`."""
+    if _ID.fullmatch(token) and int(token) < num_songs:
+        return int(token)
+    if not re.fullmatch(r"-?[0-9]+", token):
+        raise DataError(f"{where}: {name} {token!r} is not an integer")
+    raise DataError(f"{where}: song id {token} is {outside} the catalog (0..{num_songs - 1})")
+
+
 def _parse_playlist(path: str, lineno: int, line: str, num_songs: int) -> np.ndarray:
-    try:
-        ids = np.array(line.split(), dtype=np.int64)
-    except ValueError:
-        token = next(t for t in line.split() if not t.lstrip("-").isdigit())
-        raise DataError(f"{path}:{lineno}: song id {token!r} is not an integer") from None
-    bad = ids[(ids < 0) | (ids >= num_songs)]
-    if bad.size:
-        raise DataError(
-            f"{path}:{lineno}: song id {bad[0]} is outside the catalog (0..{num_songs - 1})"
-        )
+    tokens = line.split()
+    try:  # fast, but takes '+3' and not 2**70
+        ids = np.array(tokens, dtype=np.int64)
+    except (ValueError, OverflowError):  # below, name a token that is not an integer first
+        tokens = sorted(tokens, key=lambda t: bool(re.fullmatch(r"-?[0-9]+", t)))
+        ids = np.array([-1], np.int64)
+    if ((ids < 0) | (ids >= num_songs)).any():  # `_song_id` is stricter and names the token
+        ids = np.array([_song_id(f"{path}:{lineno}", t, num_songs) for t in tokens], np.int64)
     return (ids + 1).astype(np.int32)
 
 
@@ -185,11 +194,7 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
             raise DataError(f"{path}:{lineno}: expected 3 fields {CSV_HEADER}, got {fields}")
         name, position, song = (f.strip() for f in fields)
         position = _csv_int(path, lineno, "position", position)
-        song = _csv_int(path, lineno, "song_id", song)
-        if not 0 <= song < num_songs:
-            raise DataError(
-                f"{path}:{lineno}: song id {song} is outside the catalog (0..{num_songs - 1})"
-            )
+        song = _song_id(f"{path}:{lineno}", song, num_songs, "song_id")
         rows_of = playlists.setdefault(name, {})
         if position in rows_of:
             raise DataError(
@@ -225,12 +230,7 @@ def parse_history(text: str, num_songs: int, where: str) -> list[int]:
     tokens = text.replace(",", " ").split()
     if not tokens:
         raise DataError(f"{where}: no song ids")
-    for token in tokens:
-        if not token.lstrip("-").isdigit():
-            raise DataError(f"{where}: song id {token!r} is not an integer")
-        if not 0 <= int(token) < num_songs:
-            raise DataError(f"{where}: song id {token} is not in the catalog (0..{num_songs - 1})")
-    return [int(t) for t in tokens]
+    return [_song_id(where, t, num_songs, outside="not in") for t in tokens]
 
 
 def read_histories(path: str, num_songs: int) -> list[tuple[int, list[int]]]:
@@ -257,7 +257,7 @@ def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, 
     names = {}
     for lineno, line in enumerate(_read_lines(tag_hash_path), start=1):
         tag_id, sep, name = line.partition(",")
-        if not sep or not tag_id.strip().isdigit():
+        if not sep or not _ID.fullmatch(tag_id.strip()):
             raise DataError(f"{tag_hash_path}:{lineno}: expected 'id, name', got {line!r}")
         names[int(tag_id)] = name.strip()
     lines = _read_lines(tags_path)
@@ -269,7 +269,7 @@ def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, 
     song_tags = []
     for lineno, line in enumerate(lines, start=1):
         tags = [] if line.strip() == "#" else line.split()
-        if not all(t.isdigit() and int(t) in names for t in tags):
+        if not all(_ID.fullmatch(t) and int(t) in names for t in tags):
             raise DataError(f"{tags_path}:{lineno}: a tag id is not in {tag_hash_path}: {line!r}")
         song_tags.append([int(t) for t in tags])
     counts = collections.Counter(t for tags in song_tags for t in tags)
