@@ -12,6 +12,7 @@ artist + title. Every play of a song carries that song's one feature vector.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob
@@ -20,7 +21,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,8 @@ _TIME = ("endTime", "ts")
 _MS = ("msPlayed", "ms_played")
 _LASTFM_FIELDS = 6  # user, timestamp, artist-id, artist, track-id (MusicBrainz), track
 COUNTS = ("read", "skipped", "non_english", "no_features", "joined")
+_TEXT, _NUMBER = ((str, type(None)), "a string"), ((int, float, str, type(None)), "a number")
+_JSON_TYPES = (((str,), "a string"), _TEXT, _TEXT, _NUMBER)  # time, artist, title, msPlayed
 
 
 def _pick(columns: Sequence[str], names: Sequence[str]) -> str | None:
@@ -53,7 +56,7 @@ def _spotify_id(value: object) -> str:
 
 def _open_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
+        with open(path, encoding="utf-8-sig") as f:  # \r\n and \r read as \n
             return f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
@@ -71,6 +74,11 @@ def _json_play(path: str, line: int, obj: object) -> tuple:
         raise DataError(f"{path}:{line}: expected an object with endTime, artistName, trackName")
     t, a, n = (obj[k] for k in keys)
     ms = obj.get(_pick(obj, _MS) or "")
+    for key, value, (types, what) in zip(
+        (*keys, "msPlayed"), (t, a, n, ms), _JSON_TYPES, strict=True
+    ):
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise DataError(f"{path}:{line}: {key} {value!r} is not {what}")
     return (t, a or "", n or "", _spotify_id(obj.get("spotify_track_uri")), ms, path, line)
 
 
@@ -88,6 +96,8 @@ def _json_plays(path: str, text: str) -> list[tuple]:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line}: JSON nested too deeply") from None
         rows.append(_json_play(path, line, obj))
         pos = skip.match(text, pos).end()
     return rows
@@ -101,10 +111,21 @@ def _csv_plays(path: str, text: str) -> list[tuple]:
     if None in (t, a, n):
         raise DataError(f"{path}:1: need columns endTime, artistName, trackName; got {columns}")
     rows = []
-    for r in reader:
-        ident = _spotify_id(r[tid]) if tid else ""
-        rows.append((r[t], r[a], r[n], ident, r[ms] if ms else None, path, reader.line_num))
+    with _csv_errors(path, reader):
+        for r in reader:  # a short row has None for its missing fields
+            ident = _spotify_id(r[tid]) if tid else ""
+            play = (r[t] or "", r[a] or "", r[n] or "", ident, r[ms] if ms else None)
+            rows.append((*play, path, reader.line_num))
     return rows
+
+
+@contextlib.contextmanager
+def _csv_errors(path: str, reader: csv.DictReader) -> Iterator[None]:
+    """Turns the csv module's errors (e.g. a field over its size limit) into DataErrors."""
+    try:
+        yield
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: {e}") from None
 
 
 def _lastfm_plays(path: str, text: str, user: str | None) -> list[tuple]:
@@ -153,6 +174,8 @@ def read_log(path: str, user: str | None = None) -> pd.DataFrame:
         rows = _lastfm_plays(path, text, user)
     else:
         raise DataError(f"{path}: unknown log format (expected .json, .csv or .tsv)")
+    if not rows:
+        raise DataError(f"{path}: no plays in the log")
     cols = ["raw_time", "artist", "title", "track_id", "raw_ms", "source", "line"]
     df = pd.DataFrame(rows, columns=cols)
     df["time"] = pd.to_datetime(df.raw_time, utc=True, errors="coerce", format="ISO8601")
@@ -204,13 +227,14 @@ def read_features(path: str) -> pd.DataFrame:
         need = missing + [n for n, c in (("artist", artist), ("title", title)) if c is None]
         raise DataError(f"{path}:1: missing column(s) {', '.join(need)}")
     rows, empty = [], 0
-    for r in reader:
-        values = _feature_row(path, reader.line_num, r)
-        if values is None:
-            empty += 1
-            continue
-        ident = _spotify_id(r[tid]) if tid else ""
-        rows.append([ident, r[artist] or "", r[title] or "", *values, path, reader.line_num])
+    with _csv_errors(path, reader):
+        for r in reader:
+            values = _feature_row(path, reader.line_num, r)
+            if values is None:
+                empty += 1
+                continue
+            ident = _spotify_id(r[tid]) if tid else ""
+            rows.append([ident, r[artist] or "", r[title] or "", *values, path, reader.line_num])
     if empty:
         logging.info("%s: %d row(s) without audio features dropped", path, empty)
     return pd.DataFrame(rows, columns=["track_id", "artist", "title", *FEATURES, "source", "line"])
