@@ -7,19 +7,30 @@ place (`atomic_path`), so a crash or kill leaves the previous file (or none), ne
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from typing import Any
 
+from absl import logging
+
 from errors import ConfigError
 
 LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
+LOCK_FILE = ".lock"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -35,6 +46,7 @@ def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
     else:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
         os.close(fd)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make 0600/0700
     try:
         yield tmp
         os.replace(tmp, path)
@@ -67,6 +79,53 @@ def make_model_dir(model_dir: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"--model_dir={model_dir}: not writable ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def lock_model_dir(model_dir: str) -> Iterator[None]:
+    """Holds `model_dir/.lock` (an flock, and the holder's pid and host in the file) for one run.
+
+    Raises:
+      ConfigError naming the holder if another process holds it, or if it names a process on
+        another host (which cannot be checked: delete the file if that run is gone). The lock of
+        a process on this host that is gone (killed) is taken over, with a warning.
+    """
+    path = os.path.join(model_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        holder = _take_lock(fd, path, model_dir)
+        if holder:
+            logging.warning("%s: taking over the stale lock of %s (that run is gone)", path, holder)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        yield
+        os.ftruncate(fd, 0)  # released; the empty file stays (unlinking it would race)
+    finally:
+        os.close(fd)  # also releases the flock
+
+
+def _take_lock(fd: int, path: str, model_dir: str) -> str:
+    """Flocks `fd`; returns the stale holder its file names ('' if none). Raises if held."""
+    with os.fdopen(os.dup(fd), "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    try:
+        holder = json.loads(text) if text.strip() else {}
+        name = f"pid {int(holder['pid'])} on host {holder['host']}" if holder else ""
+    except (ValueError, KeyError, TypeError):
+        holder, name = {}, f"unreadable: {text[:80]!r}"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(
+            f"--model_dir={model_dir}: another training is running there "
+            f"({name or 'starting'}; {path}); wait for it to end or use another --model_dir"
+        ) from None
+    if holder and holder["host"] != socket.gethostname():
+        raise ConfigError(
+            f"--model_dir={model_dir}: {path} names a training of {name}, which cannot be "
+            f"checked from here; if it has ended, delete {path}"
+        )
+    return name
 
 
 def _md5(path: str) -> str:
