@@ -75,6 +75,7 @@ def train_months(
     num_epochs: int,
     batch_size: int,
     month_data: Callable[[int, np.ndarray], Callable[[int], tf.data.Dataset]],
+    after_restore: Callable[[], None] = lambda: None,
 ) -> None:
     """The monthly dynamic training both heads share: month k trains `model` on the windows
     `dynamic[k]` through the shared `Trainer` in `directory(month)`, starting from the weights
@@ -84,6 +85,7 @@ def train_months(
     Args:
       month_data: (k, windows) -> step -> the month's batches from that global step on; called
         for every month in order before its training (also for a month without windows).
+      after_restore: `Trainer.train`'s, called once a month's checkpoint (if any) has loaded.
     """
     fresh = [v.numpy() for v in model.optimizer.variables]  # as built: step 0, no moments
     for k, (split, rows) in enumerate(zip(splits, dynamic, strict=True)):
@@ -102,7 +104,7 @@ def train_months(
             trainer.save()
             continue
         logging.info("month %s: %d training windows", split.month, len(rows))
-        trainer.train(make_dataset, [hooks.ProgressHook()])
+        trainer.train(make_dataset, [hooks.ProgressHook()], after_restore=after_restore)
 
 
 def train(
@@ -110,8 +112,10 @@ def train(
     data: audio_reader.AudioData,
     splits: Sequence[audio_windows.MonthSplit],
     dynamic: Sequence[np.ndarray],
+    after_restore: Callable[[], None] = lambda: None,
 ) -> None:
-    """Trains the ranking head month after month (see the module docstring); resumable."""
+    """Trains the ranking head month after month (see the module docstring); resumable.
+    `after_restore` as in `train_months`."""
     keras.utils.set_random_seed(config.seed)
     songs, num_songs, days = data.songs, len(data.names), play_days(data)
     monthly_z = audio_windows.monthly_z(data.features, splits)
@@ -132,6 +136,7 @@ def train(
     train_months(
         model, config, splits, dynamic, directory=lambda month: ranking_dir(config, month),
         num_epochs=num_epochs, batch_size=batch_size, month_data=month_data,
+        after_restore=after_restore,
     )  # fmt: skip
 
 

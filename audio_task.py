@@ -102,18 +102,42 @@ class AudioFeaturesTask:
         seq_len, pred_steps = config.seq_len, config.pred_steps
         dynamic = audio_windows.dynamic_train(splits, seq_len, pred_steps, config.seed)
         rundir.make_model_dir(config.model_dir)
+        with rundir.lock_model_dir(config.model_dir):
+            self._train(config, data, splits, z, dynamic)
+
+    def _train(
+        self,
+        config: config_lib.Config,
+        data: audio_reader.AudioData,
+        splits: list[audio_windows.MonthSplit],
+        z: np.ndarray,
+        dynamic: list[np.ndarray],
+    ) -> None:
+        """Trains month after month in the locked `--model_dir`."""
         files = audio_reader.expand(config.paths("listening_log"))
         files += audio_reader.expand(config.paths("features"))
         windows = {s.month: len(w) for s, w in zip(splits, dynamic, strict=True)}
         extra = {"plays": len(data.songs), "songs": len(data.names), "train_windows": windows}
-        rundir.write_run_config(config, files, extra)
+        written = []  # config.json, once a month's checkpoint (if any) is known to fit
+
+        def write_run_config() -> None:
+            if not written:
+                rundir.write_run_config(config, files, extra)
+                written.append(True)
+
         if config.audio_head in ("both", "regression"):
-            self._train_regression(config, splits, z, dynamic)
+            self._train_regression(config, splits, z, dynamic, write_run_config)
         if config.audio_head in ("both", "ranking"):
-            audio_ranking.train(config, data, splits, dynamic)
+            audio_ranking.train(config, data, splits, dynamic, write_run_config)
+        write_run_config()  # no month had a training window
 
     def _train_regression(
-        self, config: config_lib.Config, splits: list, z: np.ndarray, dynamic: list
+        self,
+        config: config_lib.Config,
+        splits: list,
+        z: np.ndarray,
+        dynamic: list,
+        after_restore: Callable[[], None],
     ) -> None:
         """The GRU report's monthly dynamic training of the feature regression."""
         keras.utils.set_random_seed(config.seed)
@@ -126,6 +150,7 @@ class AudioFeaturesTask:
         audio_ranking.train_months(
             model, config, splits, dynamic, directory=lambda month: month_dir(config, month),
             num_epochs=config.num_epochs, batch_size=config.batch_size, month_data=month_data,
+            after_restore=after_restore,
         )  # fmt: skip
 
     def _load(self, config: config_lib.Config, month: str, num_features: int) -> keras.Model:

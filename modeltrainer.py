@@ -136,6 +136,7 @@ class Trainer:
         make_dataset: Callable[[int], tf.data.Dataset],
         callbacks: Sequence[keras.callbacks.Callback] = (),
         verbose: int | None = None,
+        after_restore: Callable[[], None] = lambda: None,
     ) -> None:
         """Fits from the restored step to the end, then saves the final model.
 
@@ -143,12 +144,15 @@ class Trainer:
           make_dataset: step -> dataset of the training batches from that global step on.
           callbacks: task hooks (e.g. `hooks.ValidationHook`), run after the `LossHook` and
             before the checkpoint and TensorBoard callbacks.
+          after_restore: called once the checkpoint to resume (if any) has loaded, i.e. the
+            settings are known to fit it; writes `config.json`.
           verbose: Keras verbosity; default: a live progress bar on a terminal, one line per
             epoch otherwise (so CI logs stay short).
         """
         if verbose is None:
             verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
+        after_restore()
         all_callbacks = [
             hooks.LossHook(self.discard_from, self.perplexity),
             *callbacks,

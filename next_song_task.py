@@ -98,14 +98,26 @@ class NextSongTask:
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
         write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
         rundir.make_model_dir(write_dir)
-        if cluster.is_chief(strategy):
-            data_files = [os.path.join(config.data_dir, "song_hash.txt")]
-            data_files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
-            rundir.write_run_config(
-                config,
-                data_files,
-                {"num_songs": data.catalog.size, "train_events": windows.events},
-            )
+        with rundir.lock_model_dir(write_dir):
+            self._train(config, strategy, data, windows, write_dir)
+
+    def _train(
+        self,
+        config: config_lib.Config,
+        strategy,
+        data: yes_reader.YesData,
+        windows: yes_reader.Windows,
+        write_dir: str,
+    ) -> None:
+        """Builds the model and hooks and trains in `write_dir` (locked)."""
+
+        def write_run_config() -> None:  # once the checkpoint to resume is known to fit
+            if cluster.is_chief(strategy):
+                files = [os.path.join(config.data_dir, "song_hash.txt")]
+                files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
+                extra = {"num_songs": data.catalog.size, "train_events": windows.events}
+                rundir.write_run_config(config, files, extra)
+
         songs = data.catalog.size
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
         with strategy.scope():
@@ -131,7 +143,11 @@ class NextSongTask:
             steps_per_epoch=windows.num_windows,
             checkpoint_every_steps=config.checkpoint_every_steps,
         )
-        trainer.train(lambda step: cluster.distribute(strategy, windows, order[step:]), callbacks)
+        trainer.train(
+            lambda step: cluster.distribute(strategy, windows, order[step:]),
+            callbacks,
+            after_restore=write_run_config,
+        )
 
     def evaluate(self, config: config_lib.Config) -> dict:
         catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
