@@ -98,8 +98,10 @@ def lock_model_dir(model_dir: str) -> Iterator[None]:
             logging.warning("%s: taking over the stale lock of %s (that run is gone)", path, holder)
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
-        yield
-        os.ftruncate(fd, 0)  # released; the empty file stays (unlinking it would race)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released; the empty file stays (unlinking it would race)
     finally:
         os.close(fd)  # also releases the flock
 

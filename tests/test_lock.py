@@ -57,6 +57,13 @@ def test_a_held_lock_is_refused_naming_the_holder(tmp_path):
         pass
 
 
+def test_the_lock_is_released_when_the_run_fails(tmp_path):
+    with pytest.raises(errors.TrainingError):
+        with rundir.lock_model_dir(str(tmp_path)):
+            raise errors.TrainingError("loss became nan")
+    assert (tmp_path / rundir.LOCK_FILE).read_text() == ""
+
+
 def test_the_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, monkeypatch):
     pid = dead_pid()
     (tmp_path / rundir.LOCK_FILE).write_text(json.dumps({"pid": pid, "host": HOST}))
