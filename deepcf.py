@@ -128,6 +128,9 @@ def main(argv: list[str]) -> int:
     except errors.TrainingError as e:
         print(f"deepcf: training stopped: {e}", file=sys.stderr)
         return 3
+    except errors.Interrupted as e:
+        print(f"deepcf: {e}", file=sys.stderr)
+        return 128 + e.signum  # 130 for SIGINT, 143 for SIGTERM, as the shell reports
     return 0
 
 

@@ -2,6 +2,7 @@
 
 `ConfigError`, `DataError` and `ModelError` are bad input (a flag, a data file, a saved model):
 exit status 2. `TrainingError` means training could not go on (e.g. a non-finite loss): 3.
+`Interrupted`: training stopped on SIGINT/SIGTERM after saving a checkpoint: 128 + the signal.
 """
 
 from __future__ import annotations
@@ -25,3 +26,15 @@ class ModelError(DeepcfError, ValueError):
 
 class TrainingError(DeepcfError, RuntimeError):
     """Training cannot go on (e.g. the loss is not finite)."""
+
+
+class Interrupted(DeepcfError):
+    """Training stopped on a signal (Ctrl-C, SIGTERM) with its checkpoint saved; says how to resume.
+
+    Attributes:
+      signum: the signal's number (the CLI exits with 128 + signum: 130, 143).
+    """
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,7 @@ from google.protobuf import text_format
 from tensorboard.plugins import projector
 
 import rundir
-from errors import TrainingError
+from errors import Interrupted, TrainingError
 
 VALIDATION_KEYS = ("loss", "perplexity", "recall@20", "mrr@20")
 PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays short
@@ -100,25 +101,51 @@ class CheckpointHook(keras.callbacks.Callback):
 
     TensorFlow writes the checkpoint files first and the `checkpoint` index last, so a run killed
     mid-write leaves the previous checkpoint as the latest complete one.
+
+    Args:
+      interrupted: the signal that asked training to stop (0: none); checked after every step
+        and epoch: the hook then saves a checkpoint of that step and raises `Interrupted`.
     """
 
-    def __init__(self, manager: tf.train.CheckpointManager, every_steps: int = 0):
+    def __init__(
+        self,
+        manager: tf.train.CheckpointManager,
+        every_steps: int = 0,
+        interrupted: Callable[[], int] = lambda: 0,
+    ):
         super().__init__()
         self._manager = manager
         self._every_steps = every_steps
+        self._interrupted = interrupted
 
-    def _save(self) -> None:
+    def _save(self) -> str:
         step = global_step(self.model)
-        if self._manager.latest_checkpoint and self._manager.latest_checkpoint.endswith(f"-{step}"):
-            return
-        logging.info("checkpoint %s", self._manager.save(checkpoint_number=step))
+        latest = self._manager.latest_checkpoint
+        if latest and latest.endswith(f"-{step}"):
+            return latest
+        path = self._manager.save(checkpoint_number=step)
+        logging.info("checkpoint %s", path)
+        return path
+
+    def _stop_if_interrupted(self) -> None:
+        signum = self._interrupted()
+        if signum:
+            path = self._save()
+            raise Interrupted(
+                f"interrupted by {signal.Signals(signum).name} at step "
+                f"{global_step(self.model)}; saved checkpoint {path}. Run the same command "
+                "again to resume from it.",
+                signum,
+            )
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._every_steps and global_step(self.model) % self._every_steps == 0:
             self._save()
+        self._stop_if_interrupted()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._save()
+        self._stop_if_interrupted()
 
 
 class ProgressHook(keras.callbacks.Callback):

@@ -7,11 +7,14 @@ data order, because the data schedule is a function of the step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
+import threading
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -20,7 +23,7 @@ from absl import logging
 import cluster
 import hooks
 import rundir
-from errors import ModelError
+from errors import Interrupted, ModelError
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
@@ -153,26 +156,28 @@ class Trainer:
             verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
         after_restore()
+        received: list[int] = []  # the signal that asked to stop
         all_callbacks = [
             hooks.LossHook(self.discard_from, self.perplexity),
             *callbacks,
-            hooks.CheckpointHook(self.saver, self.checkpoint_every_steps),
+            hooks.CheckpointHook(
+                self.saver, self.checkpoint_every_steps, lambda: received[0] if received else 0
+            ),
             keras.callbacks.TensorBoard(
                 os.path.join(self.write_dir, TENSORBOARD_DIR), write_graph=False, profile_batch=0
             ),
         ]
         epoch, offset = divmod(step, self.steps_per_epoch)
-        if offset:  # finish the interrupted epoch first
-            self._fit(
-                make_dataset(step), epoch, self.steps_per_epoch - offset, all_callbacks, verbose
-            )
-            epoch += 1
-        if epoch < self.num_epochs:
-            self._fit(
-                make_dataset(epoch * self.steps_per_epoch), epoch, None, all_callbacks, verbose
-            )
-        else:
-            logging.info("already trained for %d epochs", self.num_epochs)
+        with stop_on_signals(received):
+            if offset:  # finish the interrupted epoch first
+                steps = self.steps_per_epoch - offset
+                self._fit(make_dataset(step), epoch, steps, all_callbacks, verbose)
+                epoch += 1
+            if epoch < self.num_epochs:
+                dataset = make_dataset(epoch * self.steps_per_epoch)
+                self._fit(dataset, epoch, None, all_callbacks, verbose)
+            else:
+                logging.info("already trained for %d epochs", self.num_epochs)
         self.save()
         if self.write_dir != self.model_dir:
             shutil.rmtree(self.write_dir)
@@ -195,6 +200,34 @@ class Trainer:
             self.model.save(tmp)
         logging.info("saved %s", path)
         return path
+
+
+@contextlib.contextmanager
+def stop_on_signals(received: list[int]) -> Iterator[None]:
+    """While training: SIGINT (Ctrl-C) or SIGTERM appends its number to `received`, and the
+    `CheckpointHook` saves a checkpoint at the end of that step and stops; a second signal stops
+    at once (the newest checkpoint stays). The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers only in the main thread
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if received:
+            raise Interrupted(
+                f"interrupted again by {name}; stopped at once, the newest checkpoint stays. "
+                "Run the same command again to resume from it.",
+                signum,
+            )
+        received.append(signum)
+        logging.warning("%s: saving a checkpoint after this step, then stopping", name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def load_model(model_dir: str, model_file: str = MODEL_FILE) -> keras.Model:
