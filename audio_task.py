@@ -231,6 +231,7 @@ class AudioFeaturesTask:
 def write_summaries(log_dir: str, results: dict, charts: dict[str, str]) -> None:
     """TensorBoard: per-month hit rates of every method as scalars `<protocol>/<method>` (step =
     month index), the month labels as text, and each protocol's chart (a PNG path) as an image."""
+    rundir.make_dirs(log_dir)  # a failure names the path (TensorFlow's writer would not)
     with tf.summary.create_file_writer(log_dir).as_default():
         for protocol in PROTOCOLS:
             for method, summary in results[protocol].items():

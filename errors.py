@@ -1,8 +1,9 @@
 """The project's error classes. The CLI turns each into a one-line message and an exit status.
 
-`ConfigError`, `DataError` and `ModelError` are bad input (a flag, a data file, a saved model):
-exit status 2. `TrainingError` means training could not go on (e.g. a non-finite loss): 3.
-`Interrupted`: training stopped on SIGINT/SIGTERM after saving a checkpoint: 128 + the signal.
+`ConfigError`, `DataError` and `ModelError` are bad input (a flag, a data file, a saved model),
+`WriteError` an output that cannot be written: exit status 2. `TrainingError` means training
+could not go on (e.g. a non-finite loss): 3. `Interrupted`: training stopped on SIGINT/SIGTERM
+after saving a checkpoint: 128 + the signal.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ class DataError(DeepcfError, ValueError):
 
 class ModelError(DeepcfError, ValueError):
     """A saved model or checkpoint cannot be used; the message names the path."""
+
+
+class WriteError(DeepcfError, OSError):
+    """An output could not be written (disk full, no permission, a path in the way); the message
+    names the path. Earlier outputs and the newest complete checkpoint are left as they were."""
 
 
 class TrainingError(DeepcfError, RuntimeError):

@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from tensorboard.plugins import projector
 
 import rundir
-from errors import Interrupted, TrainingError
+from errors import Interrupted, TrainingError, WriteError
 
 VALIDATION_KEYS = ("loss", "perplexity", "recall@20", "mrr@20")
 PROGRESS_SECONDS = 30  # at most one progress line this often: a CI log stays short
@@ -123,7 +123,13 @@ class CheckpointHook(keras.callbacks.Callback):
         latest = self._manager.latest_checkpoint
         if latest and latest.endswith(f"-{step}"):
             return latest
-        path = self._manager.save(checkpoint_number=step)
+        try:
+            path = self._manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            raise WriteError(
+                f"{self._manager.directory}: cannot write checkpoint ckpt-{step} "
+                f"({getattr(e, 'message', e)}); the newest complete one is {latest or 'none'}"
+            ) from None
         logging.info("checkpoint %s", path)
         return path
 

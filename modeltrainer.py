@@ -23,7 +23,7 @@ from absl import logging
 import cluster
 import hooks
 import rundir
-from errors import Interrupted, ModelError
+from errors import Interrupted, ModelError, WriteError
 
 MODEL_FILE = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
@@ -156,6 +156,7 @@ class Trainer:
             verbose = 1 if sys.stdout.isatty() else 2
         step = self.restore()
         after_restore()
+        rundir.make_dirs(os.path.join(self.write_dir, TENSORBOARD_DIR))
         received: list[int] = []  # the signal that asked to stop
         all_callbacks = [
             hooks.LossHook(self.discard_from, self.perplexity),
@@ -259,7 +260,7 @@ def export_saved_model(
     Returns:
       The version directory.
     """
-    os.makedirs(export_dir, exist_ok=True)
+    rundir.make_dirs(export_dir)
     existing = [int(name) for name in os.listdir(export_dir) if name.isdigit()]
     path = os.path.join(export_dir, str(version or max(existing, default=0) + 1))
     if os.path.exists(path):
@@ -269,6 +270,9 @@ def export_saved_model(
     for name, fn in endpoints.items():
         archive.add_endpoint(name, fn)
     with rundir.atomic_path(path, directory=True) as tmp:
-        archive.write_out(tmp, verbose=False)
+        try:
+            archive.write_out(tmp, verbose=False)
+        except tf.errors.OpError as e:
+            raise WriteError(f"{path}: cannot write the SavedModel ({e.message})") from None
     logging.info("exported %s", path)
     return path

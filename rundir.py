@@ -21,7 +21,7 @@ from typing import Any
 
 from absl import logging
 
-from errors import ConfigError
+from errors import ConfigError, WriteError
 
 LIBRARIES = ("tensorflow", "keras", "numpy", "pandas", "absl-py")
 LOCK_FILE = ".lock"
@@ -37,24 +37,28 @@ def _umask() -> int:
 def atomic_path(path: str, directory: bool = False) -> Iterator[str]:
     """Yields a temporary path beside `path` (same suffix) to write to; renames it to `path`.
 
-    On an exception the temporary file (or directory) is removed and `path` is left as it was.
+    On an exception the temporary file (or directory) is removed and `path` is left as it was;
+    an OSError (disk full, no permission, a directory in the way) becomes a `WriteError` naming
+    `path`.
     """
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    if directory:
-        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    else:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-        os.close(fd)
-    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp/mkdtemp make 0600/0700
+    parent, tmp = os.path.dirname(os.path.abspath(path)), ""
     try:
+        os.makedirs(parent, exist_ok=True)
+        if directory:
+            tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+        else:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+            os.close(fd)
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())  # mkstemp makes 0600
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if directory:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
+        elif tmp and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(f"{path}: cannot write ({e.strerror or e})") from e
         raise
 
 
@@ -67,6 +71,14 @@ def write_text_atomic(path: str, text: str) -> None:
 def write_json_atomic(path: str, payload: Any) -> None:
     """Writes `payload` as indented JSON to `path` through `atomic_path`."""
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def make_dirs(path: str) -> None:
+    """`os.makedirs(path, exist_ok=True)`; a failure is a `WriteError` naming `path`."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"{path}: cannot create the directory ({e.strerror or e})") from None
 
 
 def make_model_dir(model_dir: str) -> None:
