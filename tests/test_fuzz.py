@@ -508,3 +508,17 @@ def test_odd_but_valid_csv_logs_are_read(tmp_path, text):
     path.write_text(text, newline="")
     df = audio_reader.read_log(str(path))
     assert list(df.time.dt.strftime("%H:%M")) == ["10:00"] and isinstance(df.artist[0], str)
+
+
+@FUZZ
+@given(PLAYLISTS, SONGS)
+def test_files_with_a_utf8_bom_read_as_without(case, songs):
+    num_songs, playlists = case
+    songs = (songs * num_songs)[:num_songs]
+    with tempfile.TemporaryDirectory() as d:
+        bom = b"\xef\xbb\xbf"
+        catalog = yes_reader.read_catalog(write(d, "s.txt", bom + catalog_text(songs).encode()))
+        text = yes_text(num_songs, playlists)
+        got = yes_reader.read_playlists(write(d, "t.txt", bom + text.encode()), num_songs)
+    assert catalog.titles == tuple(t.strip() for t, _ in songs)
+    assert [p.tolist() for p in got] == reference_yes(text)
