@@ -95,7 +95,8 @@ def make_model_dir(model_dir: str) -> None:
 
 @contextlib.contextmanager
 def lock_model_dir(model_dir: str) -> Iterator[None]:
-    """Holds `model_dir/.lock` (an flock, and the holder's pid and host in the file) for one run.
+    """Holds `model_dir/.lock` (an flock, and the holder's pid and host in the file) for one run;
+    the file is removed at the end, however the run ends (a killed run leaves it: a stale lock).
 
     Raises:
       ConfigError naming the holder if another process holds it, or if it names a process on
@@ -103,9 +104,17 @@ def lock_model_dir(model_dir: str) -> Iterator[None]:
         a process on this host that is gone (killed) is taken over, with a warning.
     """
     path = os.path.join(model_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            holder = _take_lock(fd, path, model_dir)
+        except BaseException:
+            os.close(fd)
+            raise
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break
+        os.close(fd)  # its holder removed that file after we opened it: lock the new one
     try:
-        holder = _take_lock(fd, path, model_dir)
         if holder:
             logging.warning("%s: taking over the stale lock of %s (that run is gone)", path, holder)
         os.ftruncate(fd, 0)
@@ -113,7 +122,8 @@ def lock_model_dir(model_dir: str) -> Iterator[None]:
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)  # released; the empty file stays (unlinking it would race)
+            with contextlib.suppress(FileNotFoundError):  # a worker's temp dir may be gone
+                os.unlink(path)  # while still locked: a process that opened it then retries
     finally:
         os.close(fd)  # also releases the flock
 

@@ -61,7 +61,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
     with pytest.raises(errors.TrainingError):
         with rundir.lock_model_dir(str(tmp_path)):
             raise errors.TrainingError("loss became nan")
-    assert (tmp_path / rundir.LOCK_FILE).read_text() == ""
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
 
 
 def test_the_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, monkeypatch):
@@ -108,7 +108,7 @@ def test_a_second_train_is_refused_then_takes_over_once_the_first_is_killed(tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"taking over the stale lock of pid {holder.pid} on host {HOST}" in done.stderr
     assert (model_dir / "model.keras").exists()
-    assert (model_dir / rundir.LOCK_FILE).read_text() == ""  # released
+    assert not (model_dir / rundir.LOCK_FILE).exists()  # released
 
 
 def test_an_incompatible_rerun_leaves_config_json_as_it_was(tmp_path):
@@ -160,3 +160,24 @@ def test_model_keras_loads_whole_while_it_is_being_replaced(tmp_path):
         writer.kill()
         writer.wait()
     assert seen <= {1.0, 2.0}
+
+
+def test_a_lock_file_removed_by_its_holder_after_it_was_opened_is_not_held(tmp_path, monkeypatch):
+    """The holder removes .lock at its end; a process that opened the old file just before then
+    locks it: it must see that the path now names another file and lock that one instead."""
+    path = tmp_path / rundir.LOCK_FILE
+    take_lock = rundir._take_lock
+    swapped = []
+
+    def late(fd, *args):  # the first holder ends between our open() and flock()
+        if not swapped:
+            path.unlink()
+            path.write_text("")
+            swapped.append(os.fstat(fd).st_ino)
+        return take_lock(fd, *args)
+
+    path.write_text("")
+    monkeypatch.setattr(rundir, "_take_lock", late)
+    with rundir.lock_model_dir(str(tmp_path)):
+        assert path.stat().st_ino != swapped[0]
+        assert json.loads(path.read_text())["pid"] == os.getpid()
