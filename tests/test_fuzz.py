@@ -153,6 +153,15 @@ def reference_yes(text: str) -> list[list[int]]:
     return [[int(t) + 1 for t in line.split()] for line in lines[2:]]
 
 
+def mutate_and_read(data: st.DataObject, text: str, name: str, read: Callable[[str], object]):
+    """Draws a mutation of `text`, writes it as `name` and checks `read(path)` with
+    `read_or_refuse`."""
+    raw = data.draw(mutated(text.encode()))
+    with tempfile.TemporaryDirectory() as d:
+        path = write(d, name, raw)
+        read_or_refuse(lambda: read(path), path)
+
+
 @FUZZ
 @given(PLAYLISTS, st.sampled_from(["\n", "\r\n", "\r"]))
 def test_yes_playlists_read_as_the_reference(case, ending):
@@ -167,10 +176,10 @@ def test_yes_playlists_read_as_the_reference(case, ending):
 @given(PLAYLISTS, st.data())
 def test_yes_playlists_mutated_are_read_or_refused(case, data):
     num_songs, playlists = case
-    raw = data.draw(mutated(yes_text(num_songs, playlists).encode()))
-    with tempfile.TemporaryDirectory() as d:
-        path = write(d, "train.txt", raw)
-        read_or_refuse(lambda: yes_reader.read_playlists(path, num_songs), path)
+    text = yes_text(num_songs, playlists)
+    mutate_and_read(
+        data, text, "train.txt", lambda path: yes_reader.read_playlists(path, num_songs)
+    )
 
 
 CSV_ROWS = st.lists(
@@ -203,10 +212,9 @@ def test_playlist_csv_reads_as_the_reference(rows):
 @FUZZ
 @given(CSV_ROWS, st.data())
 def test_playlist_csv_mutated_is_read_or_refused(rows, data):
-    raw = data.draw(mutated(csv_text(rows).encode()))
-    with tempfile.TemporaryDirectory() as d:
-        path = write(d, "train.csv", raw)
-        read_or_refuse(lambda: yes_reader.read_playlists(path, 5), path)
+    mutate_and_read(
+        data, csv_text(rows), "train.csv", lambda path: yes_reader.read_playlists(path, 5)
+    )
 
 
 SONGS = st.lists(st.tuples(NAME, NAME), min_size=1, max_size=8)
@@ -228,10 +236,7 @@ def test_song_hash_reads_as_the_reference(songs):
 @FUZZ
 @given(SONGS, st.data())
 def test_song_hash_mutated_is_read_or_refused(songs, data):
-    raw = data.draw(mutated(catalog_text(songs).encode()))
-    with tempfile.TemporaryDirectory() as d:
-        path = write(d, "song_hash.txt", raw)
-        read_or_refuse(lambda: yes_reader.read_catalog(path), path)
+    mutate_and_read(data, catalog_text(songs), "song_hash.txt", yes_reader.read_catalog)
 
 
 TAGS = st.integers(1, 5).flatmap(
@@ -400,10 +405,7 @@ def test_feature_tables_read_as_the_reference(rows):
 @FUZZ
 @given(FEATURE_ROWS, st.data())
 def test_feature_tables_mutated_are_read_or_refused(rows, data):
-    raw = data.draw(mutated(feature_text(rows).encode()))
-    with tempfile.TemporaryDirectory() as d:
-        path = write(d, "f.csv", raw)
-        read_or_refuse(lambda: audio_reader.read_features(path), path)
+    mutate_and_read(data, feature_text(rows), "f.csv", audio_reader.read_features)
 
 
 # Things that are not files -----------------------------------------------------------------------
