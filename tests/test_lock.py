@@ -14,12 +14,12 @@ import sys
 
 import numpy as np
 import pytest
-from test_errors import NUM_SONGS, TEST, TINY, TRAIN, deepcf, error_line
+from test_errors import NUM_SONGS, TEST, TINY, TRAIN, error_line
 
 import errors
 import modeltrainer
 import rundir
-from conftest import ROOT, train_small, write_yes_dir
+from conftest import ROOT, run_cli, train_small, write_yes_dir
 
 HOST = socket.gethostname()
 
@@ -96,7 +96,7 @@ def test_a_second_train_is_refused_then_takes_over_once_the_first_is_killed(tmp_
     try:
         assert holder.stdout.readline().strip() == b"1"
         flags = [f"--data_dir={data}", f"--model_dir={model_dir}", *TINY]
-        refused = deepcf(*flags)
+        refused = run_cli(*flags)
         assert refused.returncode == 2
         line = error_line(refused)
         assert f"another training is running there (pid {holder.pid} on host {HOST}" in line
@@ -104,7 +104,7 @@ def test_a_second_train_is_refused_then_takes_over_once_the_first_is_killed(tmp_
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    done = deepcf(*flags)
+    done = run_cli(*flags)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"taking over the stale lock of pid {holder.pid} on host {HOST}" in done.stderr
     assert (model_dir / "model.keras").exists()

@@ -10,10 +10,10 @@ import subprocess
 import time
 
 import pytest
-from test_resume import command, failure, newest_checkpoint
+from test_resume import failure, flags, newest_checkpoint
 
 import rundir
-from conftest import ROOT
+from conftest import ROOT, cli_command
 
 TIMEOUT = 300  # seconds: a bound for waiting on the process, not a timing assumption
 
@@ -33,7 +33,7 @@ def test_a_signal_saves_the_current_step_and_a_rerun_resumes_there(small_slice, 
     model_dir, log = tmp_path / "run", tmp_path / "run.log"
     with log.open("w") as stderr:
         run = subprocess.Popen(
-            command(small_slice, model_dir),
+            cli_command(*flags(small_slice, model_dir)),
             stderr=stderr,
             stdout=subprocess.DEVNULL,
             cwd=ROOT,
@@ -59,7 +59,11 @@ def test_a_signal_saves_the_current_step_and_a_rerun_resumes_there(small_slice, 
     assert not (model_dir / rundir.LOCK_FILE).exists()  # the lock was released
 
     again = subprocess.run(
-        command(small_slice, model_dir), capture_output=True, text=True, cwd=ROOT, env=env
+        cli_command(*flags(small_slice, model_dir)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
     )
     assert again.returncode == 0, failure(again.stderr)
     assert f"resuming from {model_dir / 'checkpoints'}/ckpt-{step} at step {step}" in again.stderr

@@ -17,14 +17,14 @@ import shutil
 import pytest
 import tensorflow as tf
 from test_audio_task import harry_slice, trained  # noqa: F401 (fixtures)
-from test_errors import NUM_SONGS, TEST, TINY, TRAIN, deepcf, error_line
+from test_errors import NUM_SONGS, TEST, TINY, TRAIN, error_line
 from test_resume import ckpt_steps, newest_checkpoint
 
 import audio_task
 import errors
 import modeltrainer
 import rundir
-from conftest import write_yes_dir
+from conftest import run_cli, write_yes_dir
 
 EVERY_STEP = "--checkpoint_every_steps=1"
 
@@ -35,7 +35,7 @@ def data(tmp_path) -> pathlib.Path:
 
 
 def train(data: pathlib.Path, run: pathlib.Path, *extra: str):
-    return deepcf(f"--data_dir={data}", f"--model_dir={run}", *TINY, EVERY_STEP, *extra)
+    return run_cli(f"--data_dir={data}", f"--model_dir={run}", *TINY, EVERY_STEP, *extra)
 
 
 def test_a_checkpoint_that_cannot_be_written_keeps_the_one_before(data, tmp_path):
@@ -82,18 +82,18 @@ def test_model_metrics_and_export_writes_that_fail_leave_what_was_there(data, tm
 
     flags = [f"--data_dir={data}", f"--model_dir={run}", "--num_steps=3"]
     (run / "metrics.json").mkdir()
-    result = deepcf("--mode=eval", *flags)
+    result = run_cli("--mode=eval", *flags)
     assert result.returncode == 2
     assert f"deepcf: error: {run / 'metrics.json'}: cannot write (" in error_line(result)
     (run / "metrics.json").rmdir()
-    assert deepcf("--mode=eval", *flags).returncode == 0
+    assert run_cli("--mode=eval", *flags).returncode == 0
 
     (run / "export").write_text("in the way")
-    result = deepcf("--mode=export", *flags)
+    result = run_cli("--mode=export", *flags)
     assert result.returncode == 2
     assert f"deepcf: error: {run / 'export'}: cannot create the directory (" in error_line(result)
     (run / "export").unlink()
-    assert deepcf("--mode=export", *flags).returncode == 0
+    assert run_cli("--mode=export", *flags).returncode == 0
     assert (run / "export" / "1" / "saved_model.pb").exists()
     assert (run / "model.keras").read_bytes() == model
 
