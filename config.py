@@ -340,6 +340,8 @@ class Config:
             for name in ("listening_log", "features"):
                 if not self.paths(name):
                     raise ConfigError(f"--{name}: --task=audio_features needs at least one file")
+        if self.identity_embedding and self.ranking_query != "gru":
+            raise ConfigError("--identity_embedding: needs --ranking_query=gru")
         if self.history and self.history_file:
             raise ConfigError("--history and --history_file: give only one of them")
         for name in self.baseline_names:

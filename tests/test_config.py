@@ -52,6 +52,7 @@ def test_task_defaults_apply_only_where_not_given():
         ({"checkpoint_every_steps": -1}, "--checkpoint_every_steps=-1: must be >= 0"),
         ({"task": "audio_features", "bar": 0}, "--bar=0: must be > 0"),
         ({"max_grad_norm": float("inf")}, "--max_grad_norm=inf: must be a finite number"),
+        ({"task": "audio_features", "identity_embedding": True}, "needs --ranking_query=gru"),
     ],
 )
 def test_values_outside_the_bound_name_the_flag(given, message):
