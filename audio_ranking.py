@@ -189,8 +189,7 @@ def recommend(
     plays); score = the model's probability among those songs."""
     model = load(config, splits[-1].month)
     songs, num_songs = data.songs, len(data.names)
-    mean, std = data.features.mean(axis=0), data.features.std(axis=0)
-    z = ((data.features - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
+    z, _, _ = audio_windows.standardize(data.features, splits, "global")  # every play is past
     model.song_z.assign(song_table(songs, z, num_songs))
     end = len(songs)
     state = priors.PriorState(songs, play_days(data), num_songs, config.seq_len)
