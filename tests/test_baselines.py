@@ -244,3 +244,26 @@ def test_unknown_baseline_is_a_flag_error(trained):
     result = run_eval(trained, "--baselines=popularity,knn")
     assert result.returncode == 2
     assert "--baselines=popularity,knn" in result.stderr and "knn" in result.stderr
+
+
+def test_sequential_rules_by_hand():
+    # Songs 0 1 2 in one playlist, rules within 2 plays: 0 -> 1 (gap 1, weight 1), 1 -> 2 (1),
+    # 0 -> 2 (gap 2, weight 1/2). After [.., 0]: song 1 (1) above song 2 (1/2) above the rest,
+    # which tie at 0 and go by popularity (song 3, played twice, before 4 and 0).
+    train = tokens([[0, 1, 2], [3, 4, 3]])
+    sr = baselines.SequentialRules(train, [], 5, steps=2)
+    order = np.argsort(-sr.scores([np.array([4, 0])])[0], kind="stable")
+    assert order.tolist() == [1, 2, 3, 0, 4]
+    np.testing.assert_allclose(sr.probabilities([np.array([0])]), [[0, 2 / 3, 1 / 3, 0, 0]])
+    # No rule from song 2: the probabilities fall back to add-one popularity (counts 1 1 1 2 1).
+    np.testing.assert_allclose(sr.probabilities([np.array([2])])[0], np.array([2, 2, 2, 3, 2]) / 11)
+
+
+def test_sequential_rules_window_is_chosen_on_validation():
+    # The validation event 0 -> 1 has 1 two plays after 0 in training: with a 1-play window only
+    # the rule 0 -> 5 fires and song 1 ties songs 0 and 5 on popularity (rank 3, counted against
+    # it); from 2 plays on the rule 0 -> 1 ranks it second, behind 0 -> 5: the smallest such
+    # window wins.
+    train = tokens([[0, 5, 1], [0, 5, 1], [2, 3, 4]])
+    valid = tokens([[0, 1]])
+    assert baselines.SequentialRules(train, valid, 6).steps == 2
