@@ -284,12 +284,9 @@ class SequentialRules:
     Recall@20 x MRR@20, unless given."""
 
     def __init__(
-        self,
-        train: Sequence[np.ndarray],
-        valid: Sequence[np.ndarray],
-        num_songs: int,
+        self, train: Sequence[np.ndarray], valid: Sequence[np.ndarray], num_songs: int,
         steps: int | None = None,
-    ):
+    ):  # fmt: skip
         self.num_songs, self.counts = num_songs, song_counts(train, num_songs)
         self.p_pop = popularity_probabilities(self.counts)
         self.pop_base = float(self.counts.max() + 1)
