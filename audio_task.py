@@ -125,18 +125,18 @@ class AudioFeaturesTask:
                 rundir.write_run_config(config, files, extra)
                 written.append(True)
 
-        if config.audio_head in ("both", "regression"):
+        if "regression" in config.audio_heads:
             self._train_regression(config, splits, z, dynamic, write_run_config)
-        if config.audio_head in ("both", "ranking"):
+        if "ranking" in config.audio_heads:
             audio_ranking.train(config, data, splits, dynamic, write_run_config)
         write_run_config()  # no month had a training window
 
     def _train_regression(
         self,
         config: config_lib.Config,
-        splits: list,
+        splits: list[audio_windows.MonthSplit],
         z: np.ndarray,
-        dynamic: list,
+        dynamic: list[np.ndarray],
         after_restore: Callable[[], None],
     ) -> None:
         """The GRU report's monthly dynamic training of the feature regression."""
@@ -174,7 +174,7 @@ class AudioFeaturesTask:
             model = self._load(config, next(months), z.shape[1])
             return keras.ops.convert_to_numpy(model(x))
 
-        regression, ranking = (config.audio_head in ("both", h) for h in ("regression", "ranking"))
+        regression, ranking = (head in config.audio_heads for head in ("regression", "ranking"))
         results = hitrate.evaluate(
             [(s.month, s.test) for s in splits],
             data.songs,
@@ -216,7 +216,7 @@ class AudioFeaturesTask:
 
     def recommend(self, config: config_lib.Config) -> list[dict]:
         """The next `--pred_steps` songs after the log's last plays, by the ranking head."""
-        if config.audio_head == "regression":
+        if "ranking" not in config.audio_heads:
             raise ConfigError(
                 "--audio_head=regression: --mode=recommend needs the ranking head "
                 "(--audio_head=ranking or both)"

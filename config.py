@@ -353,6 +353,11 @@ class Config:
         parse_blend(self.blend)
 
     @property
+    def audio_heads(self) -> tuple[str, ...]:
+        """The heads `--audio_head` trains and scores ("both": regression and ranking)."""
+        return ("regression", "ranking") if self.audio_head == "both" else (self.audio_head,)
+
+    @property
     def baseline_names(self) -> tuple[str, ...]:
         """The --baselines names in the given order."""
         return tuple(name.strip() for name in self.baselines.split(",") if name.strip())
