@@ -31,6 +31,7 @@ setup(
         "rundir",
         "kernels",
         "serving",
+        "names",
     ],
     install_requires=[
         "tensorflow>=2.16",
