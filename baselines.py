@@ -1,4 +1,5 @@
-"""Popularity, Markov and session-kNN next-song baselines, scored like the model.
+"""Next-song baselines (popularity, Markov, sequential rules; the neighbourhood ones of
+`neighbours.py`), scored like the model.
 
 The baselines are fitted on the same training playlists as the model (train.txt minus the seeded
 validation share); Markov's smoothing is tuned on that validation share. They are scored on
@@ -21,11 +22,17 @@ from absl import logging
 import metrics
 import yes_reader
 from errors import DataError
+from neighbours import (
+    CHUNK,
+    VSTAN,
+    SessionKNN,
+    popularity_probabilities,
+    ranking_quality,
+    song_counts,
+    validation_events,
+)
 
-SKNN_NEIGHBOURS = 100  # k of V-SKNN (Ludewig & Jannach 2018)
-SKNN_CANDIDATES = 1000  # most recent playlists sharing a song with the history (their sample_size)
 BETAS = np.logspace(-2, 4, 61)  # Markov smoothing grid, searched by validation log-likelihood
-CHUNK = 2000  # events scored at once (2000 x 9775 float64 = 156 MB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,17 +81,6 @@ class Events:
         return [
             self.sequences[r][:t] for r, t in zip(self.row[index], self.length[index], strict=True)
         ]
-
-
-def song_counts(playlists: Sequence[np.ndarray], num_songs: int) -> np.ndarray:
-    """int64 [num_songs]: occurrences of each song in token playlists (token = song id + 1)."""
-    tokens = np.concatenate([np.asarray(p) for p in playlists] + [np.zeros(0, np.int32)])
-    return np.bincount(tokens - 1, minlength=num_songs).astype(np.int64)
-
-
-def popularity_probabilities(counts: np.ndarray) -> np.ndarray:
-    """Add-one (Laplace) smoothed popularity, so unseen songs keep a finite log-likelihood."""
-    return (counts + 1.0) / (counts.sum() + len(counts))
 
 
 class Popularity:
@@ -160,106 +156,6 @@ class Markov:
         return np.log(self._p(last, targets, n_aj, self.beta))
 
 
-def history_matrix(histories: list[np.ndarray], num_songs: int) -> sp.csr_matrix:
-    """float64 [events, num_songs]: the song at position p of L gets weight p/L (latest: 1).
-
-    A song heard twice keeps its most recent (largest) weight.
-    """
-    lengths = np.array([len(h) for h in histories], np.int64)
-    rows = np.repeat(np.arange(len(histories)), lengths)
-    songs = np.concatenate(histories).astype(np.int64)
-    start = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    weights = (np.arange(len(songs)) - start + 1) / np.repeat(lengths, lengths)
-    last = np.lexsort((weights, songs, rows))  # per (row, song) the largest weight comes last
-    rows, songs, weights = rows[last], songs[last], weights[last]
-    keep = np.ones(len(rows), bool)
-    keep[:-1] = (rows[:-1] != rows[1:]) | (songs[:-1] != songs[1:])
-    return sp.csr_matrix(
-        (weights[keep], (rows[keep], songs[keep])), shape=(len(histories), num_songs)
-    )
-
-
-def rank_within_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Position of each entry inside its row once entries are sorted by `order` (row-major)."""
-    sorted_rows = rows[order]
-    first = np.searchsorted(sorted_rows, sorted_rows, side="left")
-    position = np.empty(len(rows), np.int64)
-    position[order] = np.arange(len(rows)) - first
-    return position
-
-
-class SessionKNN:
-    """V-SKNN (Ludewig & Jannach 2018) over training playlists seen as sets of songs.
-
-    Similarity = cosine(recency-weighted history, binary playlist); candidates = the `candidates`
-    most recent playlists (later in train.txt = more recent) sharing a song with the history;
-    score(song) = sum of the similarities of the `neighbours` most similar candidates that contain
-    it (equal similarities: the more recent playlist wins); equal scores are ordered by
-    popularity. With `history_last`, songs already in the history are ranked below all others.
-    """
-
-    def __init__(
-        self,
-        train: Sequence[np.ndarray],
-        num_songs: int,
-        history_last: bool = False,
-        neighbours: int = SKNN_NEIGHBOURS,
-        candidates: int = SKNN_CANDIDATES,
-    ):
-        self.num_songs, self.history_last = num_songs, history_last
-        self.neighbours, self.candidates = neighbours, candidates
-        sets = [np.unique(np.asarray(p, np.int64) - 1) for p in train]
-        rows = np.repeat(np.arange(len(sets)), [len(s) for s in sets])
-        cols = np.concatenate(sets + [np.zeros(0, np.int64)])
-        self.playlists = sp.csr_matrix(
-            (np.ones(len(cols)), (rows, cols)), shape=(len(sets), num_songs)
-        )
-        self.playlist_norms = np.sqrt(np.diff(self.playlists.indptr)).astype(np.float64)
-        self.counts = song_counts(train, num_songs)
-        self.p_pop = popularity_probabilities(self.counts)
-        # Exact float64 keys: quantised score, then popularity, then (optionally) history last.
-        self.pop_base = float(self.counts.max() + 1)
-        self.quantum = float(2**51 // (2 * (neighbours + 1) * int(self.pop_base)))
-
-    def neighbour_scores(self, histories: list[np.ndarray]) -> np.ndarray:
-        """float64 [events, num_songs]: sum of the similarities of the neighbours holding a song."""
-        weighted = history_matrix(histories, self.num_songs)
-        norms = np.sqrt(np.asarray(weighted.multiply(weighted).sum(axis=1)).ravel())
-        dots = (weighted @ self.playlists.T).tocsr()
-        dots.sort_indices()
-        rows = np.repeat(np.arange(dots.shape[0]), np.diff(dots.indptr))
-        cols, sims = dots.indices, dots.data / (norms[rows] * self.playlist_norms[dots.indices])
-        recent = rank_within_rows(rows, np.lexsort((-cols, rows))) < self.candidates
-        rows, cols, sims = rows[recent], cols[recent], sims[recent]
-        nearest = rank_within_rows(rows, np.lexsort((-cols, -sims, rows))) < self.neighbours
-        neighbours = sp.csr_matrix(
-            (sims[nearest], (rows[nearest], cols[nearest])), shape=dots.shape
-        )
-        return (neighbours @ self.playlists).toarray()
-
-    def scores(self, histories: list[np.ndarray]) -> np.ndarray:
-        key = np.round(self.neighbour_scores(histories) * self.quantum) * self.pop_base
-        key += self.counts[None, :]
-        if self.history_last:
-            seen = history_matrix(histories, self.num_songs).toarray() > 0
-            key -= seen * (self.neighbours + 1) * self.quantum * self.pop_base
-        return key
-
-    def probabilities(self, histories: list[np.ndarray]) -> np.ndarray:
-        """Scores divided by their sum; popularity where no neighbour was found (for blends).
-
-        With `history_last`, songs of the history get probability 0 unless nothing else scored.
-        """
-        scores = self.neighbour_scores(histories)
-        if self.history_last:
-            scores[history_matrix(histories, self.num_songs).toarray() > 0] = 0.0
-        total = scores.sum(axis=1, keepdims=True)
-        return np.where(total > 0, scores / np.maximum(total, 1e-300), self.p_pop[None, :])
-
-    def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
-        return None  # a neighbourhood score is not a probability model
-
-
 SR_STEPS = (1, 2, 3, 5, 10)  # SR rule windows searched on validation (Ludewig & Jannach: 10)
 SR_UNIT = 2520  # the least common multiple of 1..10: rule weights 1/gap become integers
 
@@ -291,23 +187,11 @@ class SequentialRules:
         self.p_pop = popularity_probabilities(self.counts)
         self.pop_base = float(self.counts.max() + 1)
         if steps is None:
-            events = [(p[:t] - 1, p[t] - 1) for p in valid for t in range(1, len(p))]
-            if not events:
-                raise DataError("sr: the validation split has no events to tune the window on")
-            histories, targets = [h for h, _ in events], np.array([t for _, t in events])
+            histories, targets = validation_events(valid, "sr")
             quality = []
             for candidate in SR_STEPS:
                 self.steps, self.rules = candidate, rule_weights(train, num_songs, candidate)
-                ranks = np.concatenate(
-                    [
-                        np.asarray(metrics.pessimistic_ranks(
-                            self.scores(histories[i : i + CHUNK]), targets[i : i + CHUNK]
-                        ))
-                        for i in range(0, len(targets), CHUNK)
-                    ]
-                )  # fmt: skip
-                top = ranks <= 20
-                quality.append(top.mean() * np.mean(np.where(top, 1.0 / ranks, 0.0)))
+                quality.append(ranking_quality(self.scores, histories, targets))
             steps = SR_STEPS[int(np.argmax(quality))]
             tried = ", ".join(f"{n}: {q:.5f}" for n, q in zip(SR_STEPS, quality, strict=True))
             logging.info("sr: window %d plays (validation recall@20 x mrr@20 %s)", steps, tried)
@@ -334,6 +218,7 @@ BASELINES: dict[str, Callable] = {
     "sknn": lambda data: SessionKNN(data.train, data.catalog.size),
     "sknn_history_last": lambda data: SessionKNN(data.train, data.catalog.size, True),
     "sr": lambda data: SequentialRules(data.train, data.valid, data.catalog.size),
+    "vstan": lambda data: VSTAN(data.train, data.valid, data.catalog.size),
 }
 
 

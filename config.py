@@ -40,7 +40,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     ),
 }
 LOSS_WEIGHTINGS = ("window", "event")
-BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr")  # see baselines.py
+BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan")  # baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
 
 

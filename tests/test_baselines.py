@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import blend
 import config as config_lib
 import errors
 import metrics
+import neighbours
 import tasks
 import yes_reader
 from conftest import reference_events, run_cli
@@ -72,7 +74,7 @@ def test_markov_tunes_beta_by_validation_log_likelihood():
 
 
 def test_history_weights_are_linear_in_recency_and_keep_the_latest_repeat():
-    weighted = baselines.history_matrix([np.array([3, 1, 3, 0])], NUM_SONGS).toarray()
+    weighted = neighbours.history_matrix([np.array([3, 1, 3, 0])], NUM_SONGS).toarray()
     # Positions 1..4 of 4 weigh 1/4, 2/4, 3/4, 1; song 3 keeps 3/4 (its latest position).
     np.testing.assert_allclose(weighted[0], [1.0, 0.5, 0.0, 0.75, 0.0])
 
@@ -201,17 +203,20 @@ def run_eval(cfg: config_lib.Config, *flags: str) -> subprocess.CompletedProcess
 
 
 def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained, model):
-    result = run_eval(trained, "--baselines=popularity,markov,sknn", "--blend=rnn:0.5,markov:0.5")
+    result = run_eval(
+        trained, "--baselines=popularity,markov,sknn,vstan", "--blend=rnn:0.5,markov:0.5"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split()[0] for line in result.stdout.splitlines()]
-    assert rows == ["method", "popularity", "markov", "sknn", "model", "blend"]
+    assert rows == ["method", "popularity", "markov", "sknn", "vstan", "model", "blend"]
     m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
-    assert list(m["baselines"]) == ["popularity", "markov", "sknn"]
+    assert list(m["baselines"]) == ["popularity", "markov", "sknn", "vstan"]
     schema = {"events", "recall", "mrr", "ndcg", "log_likelihood", "perplexity"}
     for report in m["baselines"].values():
         assert set(report) == schema and report["events"] == m["events"]
         assert list(report["recall"]) == list(m["recall"])
     assert m["baselines"]["sknn"]["log_likelihood"] is None
+    assert m["baselines"]["vstan"]["log_likelihood"] is None
     assert m["blend"]["weights"] == {"rnn": 0.5, "markov": 0.5}
     assert m["blend"]["events"] == m["events"]
     # Per test event, p_blend = 0.5 p_model + 0.5 p_markov; p_model from a forward pass over each
@@ -267,3 +272,84 @@ def test_sequential_rules_window_is_chosen_on_validation():
     train = tokens([[0, 5, 1], [0, 5, 1], [2, 3, 4]])
     valid = tokens([[0, 1]])
     assert baselines.SequentialRules(train, valid, 6).steps == 2
+
+
+def stan(**settings) -> neighbours.VSTAN:
+    """V-STAN on TRAIN with every decay off unless given."""
+    off = dict(position=math.inf, neighbour_position=math.inf, history_last=False)
+    return neighbours.VSTAN(TRAIN, [], NUM_SONGS, neighbours.StanSettings(**(off | settings)))
+
+
+S6 = math.sqrt(6)
+
+
+def test_vstan_without_decays_sums_binary_cosines():
+    # History [0, 1], both weigh 1 (norm sqrt 2): cos(P0 {0,1}) = 1, cos(P1 {1,2}) = 1/2,
+    # cos(P3 {0,3,4}) = 1/sqrt(6); P2 shares no song.
+    expected = [1 + 1 / S6, 1.5, 0.5, 1 / S6, 1 / S6]
+    np.testing.assert_allclose(stan().neighbour_scores([np.array([0, 1])])[0], expected)
+    # idf = log(4 / playlists holding the song): log 2 for songs 0-3, log 4 for song 4.
+    idf = stan(idf=1.0).neighbour_scores([np.array([0, 1])])[0]
+    np.testing.assert_allclose(idf, np.array(expected) * (1 + np.log([2, 2, 2, 2, 4])))
+    # Position decay 1: song 0 weighs 1/e, song 1 weighs 1, norm n = sqrt(1 + 1/e^2).
+    n, e = math.sqrt(1 + math.exp(-2)), math.e
+    sims = [(1 + 1 / e) / (n * math.sqrt(2)), 1 / (n * math.sqrt(2)), 1 / (e * n * math.sqrt(3))]
+    expected = [sims[0] + sims[2], sims[0] + sims[1], sims[1], sims[2], sims[2]]
+    np.testing.assert_allclose(stan(position=1.0).neighbour_scores([np.array([0, 1])])[0], expected)
+
+
+def test_vstan_match_and_neighbour_position_decays():
+    # History [0, 1] (L = 2), similarities as without decays: P0 1, P1 1/2, P3 1/sqrt(6).
+    # Match weight exp(p* - L): P0 and P1 hold song 1 (p* = 2): 1; P3 only song 0 (p* = 1): 1/e.
+    # q* (latest position in the neighbour of a history song): P0 [0,1]: 2; P1 [1,2]: 1;
+    # P3 [0,3,4,3]: 1 (song 0). A song at q weighs exp(-|q - q*|): P0: song 0 1/e, song 1 1;
+    # P1: song 1 1, song 2 1/e; P3: song 0 1, song 4 (q = 3) e^-2, song 3 (latest q = 4) e^-3.
+    e = math.e
+    got = stan(match_position=1.0, neighbour_position=1.0).neighbour_scores([np.array([0, 1])])
+    expected = [1 / e + 1 / (e * S6), 1 + 0.5, 0.5 / e, e**-4 / S6, e**-3 / S6]
+    np.testing.assert_allclose(got[0], expected)
+
+
+def test_vstan_recency_weights_later_playlists_and_picks_neighbours():
+    # Recency 1: playlist i of 4 weighs exp(-(4 - i) / 4): P0 1/e, P1 e^-0.75, P3 e^-0.25.
+    got = stan(recency=1.0).neighbour_scores([np.array([0, 1])])[0]
+    p0, p1, p3 = math.exp(-1), 0.5 * math.exp(-0.75), math.exp(-0.25) / S6
+    np.testing.assert_allclose(got, [p0 + p3, p0 + p1, p1, p3, p3])
+    # One neighbour: without recency P0 (similarity 1); with recency 0.25, P0 1 x e^-4, P1
+    # 1/2 x e^-3, P3 1/sqrt(6) x e^-1: P3 wins, so only its songs 0, 3, 4 score.
+    settings = neighbours.StanSettings(position=math.inf, neighbour_position=math.inf)
+    one = neighbours.VSTAN(TRAIN, [], NUM_SONGS, settings, neighbours=1)
+    np.testing.assert_allclose(one.neighbour_scores([np.array([0, 1])])[0], [1, 1, 0, 0, 0])
+    recent = neighbours.VSTAN(
+        TRAIN, [], NUM_SONGS, dataclasses.replace(settings, recency=0.25), neighbours=1
+    )
+    r = math.exp(-1) / S6
+    np.testing.assert_allclose(recent.neighbour_scores([np.array([0, 1])])[0], [r, 0, 0, r, r])
+
+
+def test_vstan_ranks_ties_by_popularity_and_history_last():
+    # Without decays (scores above): 1 > 0 > 2 > 3 = 4, ties by popularity (3 before 4).
+    assert ranks(stan(), [[0, 1]] * 5, [0, 1, 2, 3, 4]) == [2, 1, 3, 4, 5]
+    # History last: 2, 3, 4, then 1, 0.
+    assert ranks(stan(history_last=True), [[0, 1]] * 5, [0, 1, 2, 3, 4]) == [5, 4, 1, 2, 3]
+    # History [4]: only P3 (songs 0, 3, 4, tied) scores; popularity orders 3, 0, 4, then 2, 1.
+    assert ranks(stan(), [[4]] * 5, [0, 1, 2, 3, 4]) == [2, 5, 4, 1, 3]
+    # Probabilities: scores over their sum; popularity where no neighbour holds a song.
+    total = 3 + 3 / S6
+    probs = stan().probabilities([np.array([0, 1])])[0]
+    np.testing.assert_allclose(probs, np.array([1 + 1 / S6, 1.5, 0.5, 1 / S6, 1 / S6]) / total)
+    unknown = neighbours.VSTAN(TRAIN, [], NUM_SONGS + 1, stan().settings)
+    np.testing.assert_allclose(
+        unknown.probabilities([np.array([5])])[0], np.array([3, 3, 4, 4, 2, 1]) / 17
+    )
+
+
+def test_vstan_settings_are_chosen_on_validation():
+    # Five songs; training [0,1] twice and [1]; validation [1, 0, 1]. History last: [1] -> 0
+    # rank 1, and [1, 0] -> 1 rank 4 (below the unscored 2, 3, 4): recall 1 x MRR 5/8. Without
+    # it song 1 outscores song 0 (it is in every neighbour): ranks 2 and 1, recall 1 x MRR 3/4.
+    train = tokens([[0, 1], [0, 1], [1]])
+    chosen = neighbours.VSTAN(train, tokens([[1, 0, 1]]), 5).settings
+    assert chosen.history_last is False
+    with pytest.raises(errors.DataError, match="vstan"):
+        neighbours.VSTAN(train, tokens([[1]]), 3)
