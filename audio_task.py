@@ -227,6 +227,9 @@ class AudioFeaturesTask:
     def export(self, config: config_lib.Config) -> str:
         raise ConfigError(f"--mode=export: not available for --task={self.name}")
 
+    def search(self, config: config_lib.Config) -> list[int]:
+        raise ConfigError(f"--mode=search: not available for --task={self.name}")
+
 
 def write_summaries(log_dir: str, results: dict, charts: dict[str, str]) -> None:
     """TensorBoard: per-month hit rates of every method as scalars `<protocol>/<method>` (step =

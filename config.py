@@ -234,14 +234,15 @@ class Config:
     )
     top_k: int = _serving(10, "Songs returned by --mode=recommend and the export.", bound=POSITIVE)
     history: str = _serving(
-        "", "--mode=recommend: comma-separated song ids (song_hash.txt), oldest first."
+        "",
+        "--mode=recommend: songs oldest first, comma-separated: titles, 'title - artist', ids "
+        '(song_hash.txt) or external keys; "quote" a name with a comma.',
     )
     history_file: str = _serving(
-        "",
-        "--mode=recommend: a file with one history per line (song ids separated by spaces or "
-        "commas); recommends for each line.",
+        "", "--mode=recommend: a file with one history per line (as --history); one answer each."
     )
     exclude_history: bool = _serving(True, "Never recommend a song that is already in the history.")
+    query: str = _serving("", "--mode=search: the songs whose name matches, best first.")
     export_version: int = _serving(
         0,
         "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",

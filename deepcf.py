@@ -1,6 +1,6 @@
 """deepcf: sequential music recommendation with recurrent networks.
 
-Usage: deepcf --mode=train|eval|recommend|export [flags]   (or: python deepcf.py ...)
+Usage: deepcf --mode=train|eval|recommend|export|search [flags]   (or: python deepcf.py ...)
 
 Every `config.Config` field is a flag of the same name; only the flags given on the command line
 (or in a `--flagfile`) override the defaults. `--help` lists them by group; `--helpfull` adds
@@ -25,10 +25,11 @@ if TYPE_CHECKING:  # tasks imports TensorFlow: only after the flags are checked
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "recommend", "export"],
+    ["train", "eval", "recommend", "export", "search"],
     "train: fit and save model_dir/model.keras; eval: test-set metrics to metrics.json; "
     "recommend: the --top_k next songs after --history or --history_file; export: a SavedModel "
-    "for TensorFlow Serving in model_dir/export/<version>/.",
+    "for TensorFlow Serving in model_dir/export/<version>/; search: catalog songs by name "
+    "(--query).",
     module_name="deepcf",
 )
 flags.FLAGS.register_key_flag_for_module("deepcf", flags.FLAGS["verbosity"])
@@ -97,12 +98,13 @@ def _error(e: Exception) -> int:
 
 
 def run_mode(task: tasks.Task, mode: str, config: config_lib.Config) -> None:
-    """Runs the Task method of `--mode` (train, eval, recommend, export) with `config`."""
+    """Runs the Task method of `--mode` (train, eval, recommend, ...) with `config`."""
     methods = {
         "train": task.train,
         "eval": task.evaluate,
         "recommend": task.recommend,
         "export": task.export,
+        "search": task.search,
     }
     methods[mode](config)
 

@@ -180,7 +180,7 @@ class NextSongTask:
           Per history: {"song_ids": int32 [top_k], "scores": float32 [top_k]} (best first).
         """
         catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
-        histories = serving.read_histories(config, catalog.size)
+        histories = serving.read_histories(config, serving.song_index(config.data_dir, catalog))
         model = load_trained(config, catalog.size)
         recommend = serving.checked_serving_function(config, model)
         if config.blend:  # the hybrid of --mode=eval's blend, same components and weights
@@ -195,6 +195,16 @@ class NextSongTask:
             )
         return [{k: v[row] for k, v in out.items()} for row in range(len(histories))]
 
+    def search(self, config: config_lib.Config) -> list[int]:
+        """Prints the songs of --data_dir that match --query (id, title, artist), best first, at
+        most --top_k (`names.SongIndex.search`); returns their ids."""
+        if not config.query.strip():
+            raise ConfigError("--mode=search needs --query, e.g. --query=firework")
+        catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
+        found = serving.song_index(config.data_dir, catalog).search(config.query, config.top_k)
+        serving.print_songs(found, catalog)
+        return found
+
     def export(self, config: config_lib.Config) -> str:
         """Writes the serving SavedModel to model_dir/export/<version>/ and prints its path."""
         model = modeltrainer.load_model(config.model_dir)
@@ -202,6 +212,7 @@ class NextSongTask:
             model,
             {
                 "serving_default": serving.checked_serving_function(config, model),
+                "top_k": serving.ranking_function(model, config.exclude_history),  # k per call
                 "next_step": serving.step_function(model, config.top_k),  # carried state
             },
             os.path.join(config.model_dir, modeltrainer.EXPORT_DIR),

@@ -1,6 +1,7 @@
-"""Serving: the `tf.function`s behind `--mode=recommend` and the SavedModel export.
+"""Serving: the `tf.function`s behind `--mode=recommend`, `--mode=serve` and the SavedModel export.
 
-`serving_function` scores whole histories; `step_function` one added song from carried state.
+`ranking_function` scores whole histories (k per call), `serving_function` with a fixed k;
+`step_function` one added song from carried state.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ import numpy as np
 import tensorflow as tf
 
 import config as config_lib
+import names
 import yes_reader
-from errors import ConfigError
+from errors import ConfigError, DataError
 from musicmodel import MusicModel
 
 
@@ -25,10 +27,10 @@ def next_power_of_two(n):
 SERVE_WIDTH_STEP = 4  # histories are padded to a multiple of 4 songs for XLA
 
 
-def serving_function(
-    model: MusicModel, top_k: int, exclude_history: bool
+def ranking_function(
+    model: MusicModel, exclude_history: bool
 ) -> tf.types.experimental.GenericFunction:
-    """The next `top_k` songs after each history, as a `tf.function` with a fixed signature.
+    """The next `k` songs after each history, `k` given per call, as a `tf.function`.
 
     The whole history runs through `model.features` from a zero state (no carried variables are
     read or written) and only the output after its last song is scored and ranked. That scoring
@@ -36,17 +38,19 @@ def serving_function(
     batch 1; docs/results.md has the figures); XLA compiles once per input shape, so
     requests are padded to a few shapes first: the batch to a power of two, the history width to
     a multiple of `SERVE_WIDTH_STEP`. Padding after a history's last song does not change its
-    scores (the model reads left to right).
+    scores (the model reads left to right). The top `k` are taken after the compiled part, so
+    any `k` costs no new compilation.
 
     Args of the returned function:
       history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
         entries at positions >= length are padding and ignored.
       length: int32 [batch], songs in each history, 1 <= length <= time.
+      k: int32 [], songs returned per history, 1 <= k <= the catalog size.
 
     Returns of the returned function:
-      {"song_ids": int32 [batch, top_k] best first, "scores": float32 [batch, top_k] the model's
+      {"song_ids": int32 [batch, k] best first, "scores": float32 [batch, k] the model's
       probability that the song comes next}; with `exclude_history`, songs of the history are
-      never returned (unless fewer than `top_k` other songs exist; their score is then -1).
+      never returned (unless fewer than `k` other songs exist; their score is then -1).
     """
     num_songs = model.num_songs
 
@@ -68,9 +72,10 @@ def serving_function(
         input_signature=[
             tf.TensorSpec([None, None], tf.int32, name="history"),
             tf.TensorSpec([None], tf.int32, name="length"),
+            tf.TensorSpec([], tf.int32, name="k"),
         ]
     )
-    def recommend(history, length):
+    def recommend(history, length, k):
         batch, width = tf.shape(history)[0], tf.shape(history)[1]
         valid = tf.sequence_mask(length, width)
         songs = tf.boolean_mask(history, valid)
@@ -81,6 +86,8 @@ def serving_function(
             ),
             tf.debugging.assert_non_negative(songs, message="song ids must be >= 0"),
             tf.debugging.assert_less(songs, num_songs, message="a song id is not in the catalog"),
+            tf.debugging.assert_positive(k, message="k must be >= 1"),
+            tf.debugging.assert_less_equal(k, num_songs, message="k exceeds the catalog size"),
         ]
         with tf.control_dependencies(checks):
             tokens = tf.where(valid, history + 1, yes_reader.PAD_ID)
@@ -88,8 +95,27 @@ def serving_function(
         columns = -width % SERVE_WIDTH_STEP
         tokens = tf.pad(tokens, [[0, rows], [0, columns]], constant_values=yes_reader.PAD_ID)
         length = tf.pad(length, [[0, rows]], constant_values=1)
-        scores, song_ids = tf.math.top_k(ranked_songs(tokens, length)[:batch], top_k)
+        scores, song_ids = tf.math.top_k(ranked_songs(tokens, length)[:batch], k)
         return {"song_ids": song_ids, "scores": scores}
+
+    return recommend
+
+
+def serving_function(
+    model: MusicModel, top_k: int, exclude_history: bool
+) -> tf.types.experimental.GenericFunction:
+    """`ranking_function` with `k` fixed at `top_k`: the signature takes `history` and `length`
+    only and returns [batch, top_k] (the export's `serving_default`)."""
+    ranked = ranking_function(model, exclude_history)
+
+    @tf.function(
+        input_signature=[
+            tf.TensorSpec([None, None], tf.int32, name="history"),
+            tf.TensorSpec([None], tf.int32, name="length"),
+        ]
+    )
+    def recommend(history, length):
+        return ranked(history, length, tf.constant(top_k, tf.int32))
 
     return recommend
 
@@ -150,15 +176,24 @@ def checked_serving_function(config: config_lib.Config, model: MusicModel):
     return serving_function(model, config.top_k, config.exclude_history)
 
 
-def read_histories(config: config_lib.Config, num_songs: int) -> list[tuple[str, list[int]]]:
-    """(label, song ids) of --history or of each line of --history_file."""
+def song_index(data_dir: str, catalog: yes_reader.Catalog) -> names.SongIndex:
+    """The catalog of `data_dir` by name, with the external keys of its song_keys.txt if any."""
+    return names.SongIndex(catalog.titles, catalog.artists, names.read_keys(data_dir, catalog.size))
+
+
+def read_histories(
+    config: config_lib.Config, index: names.SongIndex
+) -> list[tuple[str, list[int]]]:
+    """(label, song ids) of --history or of each line of --history_file: songs by title, "title
+    - artist", catalog id or external key, comma-separated (`names.split_entries`)."""
     if config.history_file:
-        lines = yes_reader.read_histories(config.history_file, num_songs)
+        lines = yes_reader.read_histories(
+            config.history_file, lambda line, where: index.parse_history(line, where, DataError)
+        )
         return [(f"{config.history_file}:{n}", ids) for n, ids in lines]
     if not config.history:
         raise ConfigError("--mode=recommend needs --history or --history_file")
-    where = f"--history={config.history}"
-    return [("--history", yes_reader.parse_history(config.history, num_songs, where))]
+    return [("--history", index.parse_history(config.history, f"--history={config.history}"))]
 
 
 def print_recommendations(
@@ -178,3 +213,14 @@ def print_recommendations(
     for rank, (song, score) in enumerate(zip(ids, scores, strict=True), start=1):
         title, artist = catalog.titles[song], catalog.artists[song]
         print(f"{rank:>4}  {song:>7}  {score:>11.5f}  {title:<{width}}  {artist}")
+
+
+def print_songs(songs: list[int], catalog: yes_reader.Catalog) -> None:
+    """Prints song id, title and artist per row (the `--mode=search` table)."""
+    if not songs:
+        print("no song matches")
+        return
+    width = max(len(catalog.titles[i]) for i in songs)
+    print(f"{'song_id':>7}  {'title':<{width}}  artist")
+    for song in songs:
+        print(f"{song:>7}  {catalog.titles[song]:<{width}}  {catalog.artists[song]}")

@@ -31,6 +31,9 @@ class Task(Protocol):
     def export(self, config: config_lib.Config) -> str:
         """--mode=export: writes a SavedModel for serving; returns its path."""
 
+    def search(self, config: config_lib.Config) -> list[int]:
+        """--mode=search: prints and returns the catalog songs matching --query."""
+
 
 TASKS: dict[str, Task] = {
     task.name: task for task in (next_song_task.NextSongTask(), audio_task.AudioFeaturesTask())

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import time
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -89,13 +90,13 @@ def read_catalog(path: str) -> Catalog:
     return Catalog(tuple(titles), tuple(artists))
 
 
-def _song_id(where: str, token: str, num_songs: int, name="song id", outside="outside") -> int:
+def _song_id(where: str, token: str, num_songs: int, name: str = "song id") -> int:
     """`token` as a song id of the catalog, or a DataError starting with `where`."""
     if _ID.fullmatch(token) and int(token) < num_songs:
         return int(token)
     if not re.fullmatch(r"-?[0-9]+", token):
         raise DataError(f"{where}: {name} {token!r} is not an integer")
-    raise DataError(f"{where}: song id {token} is {outside} the catalog (0..{num_songs - 1})")
+    raise DataError(f"{where}: song id {token} is outside the catalog (0..{num_songs - 1})")
 
 
 def _parse_playlist(path: str, lineno: int, line: str, num_songs: int) -> np.ndarray:
@@ -220,28 +221,18 @@ def pad_histories(histories: list) -> tuple[np.ndarray, np.ndarray]:
     return padded, length
 
 
-def parse_history(text: str, num_songs: int, where: str) -> list[int]:
-    """Song ids (0-based) separated by commas and/or spaces, oldest first.
-
-    Raises:
-      DataError starting with `where` (e.g. `--history=...` or `path:line`) for an empty history,
-        a token that is not an integer, or an id outside the catalog.
-    """
-    tokens = text.replace(",", " ").split()
-    if not tokens:
-        raise DataError(f"{where}: no song ids")
-    return [_song_id(where, t, num_songs, outside="not in") for t in tokens]
-
-
-def read_histories(path: str, num_songs: int) -> list[tuple[int, list[int]]]:
-    """One history per non-blank line of `path` (see `parse_history`), with its line number."""
+def read_histories(
+    path: str, parse: Callable[[str, str], list[int]]
+) -> list[tuple[int, list[int]]]:
+    """One history per non-blank line of `path`, with its line number; `parse(line, "path:n")`
+    turns a line into song ids (e.g. `names.SongIndex.parse_history`)."""
     histories = [
-        (lineno, parse_history(line, num_songs, f"{path}:{lineno}"))
+        (lineno, parse(line, f"{path}:{lineno}"))
         for lineno, line in enumerate(_read_lines(path), start=1)
         if line.strip()
     ]
     if not histories:
-        raise DataError(f"{path}: no histories (one per line: song ids, oldest first)")
+        raise DataError(f"{path}: no histories (one per line: songs, oldest first)")
     return histories
 
 

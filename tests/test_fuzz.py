@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 
 import audio_reader
 import errors
+import names
 import yes_reader
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
@@ -279,6 +280,14 @@ def test_tags_mutated_are_read_or_refused(case, data, mutate_hash):
         read_or_refuse(lambda: yes_reader.read_tags(*paths, len(songs)), *paths)
 
 
+TEN_SONGS = names.SongIndex([f"Song {i}" for i in range(10)], ["Artist"] * 10)
+
+
+def parse_ids(line: str, where: str) -> list[int]:
+    """A history line of the 10-song catalog, as `--history_file` reads it."""
+    return TEN_SONGS.parse_history(line, where, errors.DataError)
+
+
 HISTORIES = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=5), min_size=1, max_size=5)
 
 
@@ -287,7 +296,7 @@ HISTORIES = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=5), min_si
 def test_history_file_reads_as_the_reference(histories, separator):
     text = "".join(separator.join(map(str, h)) + "\n\n" for h in histories)
     with tempfile.TemporaryDirectory() as d:
-        got = yes_reader.read_histories(write(d, "h.txt", text.encode()), 10)
+        got = yes_reader.read_histories(write(d, "h.txt", text.encode()), parse_ids)
     assert got == [(2 * i + 1, h) for i, h in enumerate(histories)]
 
 
@@ -297,10 +306,10 @@ def test_history_file_and_flag_mutated_are_read_or_refused(histories, data):
     raw = data.draw(mutated("".join(" ".join(map(str, h)) + "\n" for h in histories).encode()))
     with tempfile.TemporaryDirectory() as d:
         path = write(d, "h.txt", raw)
-        read_or_refuse(lambda: yes_reader.read_histories(path, 10), path)
+        read_or_refuse(lambda: yes_reader.read_histories(path, parse_ids), path)
     flag = raw.decode("utf-8", "replace")
     where = f"--history={flag}"
-    read_or_refuse(lambda: yes_reader.parse_history(flag, 10, where), where)
+    read_or_refuse(lambda: parse_ids(flag, where), where)
 
 
 @FUZZ
@@ -414,7 +423,7 @@ READERS = {
     "train.txt": lambda p: yes_reader.read_playlists(p, 3),
     "train.csv": lambda p: yes_reader.read_playlists(p, 3),
     "song_hash.txt": yes_reader.read_catalog,
-    "history.txt": lambda p: yes_reader.read_histories(p, 3),
+    "history.txt": lambda p: yes_reader.read_histories(p, parse_ids),
     "tags.txt": lambda p: yes_reader.read_tags(
         p, os.path.join(os.path.dirname(p), "tag_hash.txt"), 3
     ),
@@ -474,7 +483,7 @@ FOUND = [  # (id, file name, text, message after the path)
     ("superscript", "train.txt", yes_text(3, [[1, "²"]]), ":3: song id '²' is not an integer"),
     ("catalog", "song_hash.txt", "0\tA\tB\n²\tC\tD\n", ":2: expected 'id<TAB>title<TAB>artist'"),
     ("tag", "tags.txt", "0\n²\n1\n", ":2: a tag id is not in"),
-    ("history --5", "history.txt", "1 2\n1 --5\n", ":2: song id '--5' is not an integer"),
+    ("history --5", "history.txt", "1 2\n1 --5\n", ":2: no song '1 --5' in the catalog"),
     ("history 2**70", "history.txt", f"1 {2**70}\n", f":1: song id {2**70} is not in the catalog"),
     ("json []", "log.json", "[]", ": no plays in the log"),
     ("csv header", "log.csv", "endTime,artistName,trackName\n", ": no plays in the log"),

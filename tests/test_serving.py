@@ -102,9 +102,9 @@ def test_recommend_unknown_ids_name_the_flag_or_the_line(trained, tmp_path):
     assert "--history=12,99999: song id 99999 is not in the catalog (0..3167)" in result.stderr
     assert result.stdout == ""
     path = tmp_path / "bad.txt"
-    path.write_text("1 2\n\n3 x\n")
+    path.write_text("1 2\n\n3, xqzw\n")
     cfg = dataclasses.replace(trained, history_file=str(path))
-    with pytest.raises(errors.DataError, match=f"{path}:3: song id 'x' is not an integer"):
+    with pytest.raises(errors.DataError, match=f"{path}:3: no song 'xqzw' in the catalog"):
         tasks.TASKS["next_song"].recommend(cfg)
     with pytest.raises(errors.ConfigError, match="--mode=recommend needs --history"):
         tasks.TASKS["next_song"].recommend(trained)
@@ -166,6 +166,10 @@ serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
 history, length = (tf.constant(json.loads(arg)) for arg in sys.argv[2:])
 out = serve(history=history, length=length)
 print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
+ranked = tf.saved_model.load(sys.argv[1]).signatures["top_k"]
+for k in (3, 9):
+    out = ranked(history=history, length=length, k=tf.constant(k))
+    print(json.dumps({k: v.numpy().tolist() for k, v in out.items()}))
 """
 
 
@@ -185,11 +189,53 @@ def test_export_reloads_in_a_fresh_process_and_matches(trained, model, tmp_path)
         "-I", "-c", FRESH_PROCESS, path, json.dumps(padded), json.dumps(lengths), cwd=tmp_path
     )
     assert fresh.returncode == 0, fresh.stderr[-2000:]
-    served = json.loads(fresh.stdout.splitlines()[-1])
-    for row, history in enumerate(HISTORIES):
-        ids, probs = reference_top_k(model, history, 6)
-        assert served["song_ids"][row] == ids.tolist()
-        np.testing.assert_allclose(served["scores"][row], probs, rtol=1e-4)
+    answers = [json.loads(line) for line in fresh.stdout.splitlines()[-3:]]
+    for served, k in zip(answers, (6, 3, 9), strict=True):  # --top_k, then k per call
+        for row, history in enumerate(HISTORIES):
+            ids, probs = reference_top_k(model, history, k)
+            assert served["song_ids"][row] == ids.tolist()
+            np.testing.assert_allclose(served["scores"][row], probs, rtol=1e-4)
+
+
+def test_ranking_function_takes_k_per_call_and_checks_it(model):
+    ranked = serving.ranking_function(model, exclude_history=True)
+    padded, length = yes_reader.pad_histories(HISTORIES)
+    for k in (1, 4):
+        out = ranked(padded, length, tf.constant(k))
+        for row, history in enumerate(HISTORIES):
+            ids, probs = reference_top_k(model, history, k)
+            np.testing.assert_array_equal(out["song_ids"][row], ids)
+    everything = ranked(padded, length, tf.constant(model.num_songs))["song_ids"]
+    assert everything.shape == (len(HISTORIES), model.num_songs)
+    for k, why in ((0, "k must be >= 1"), (model.num_songs + 1, "k exceeds the catalog size")):
+        with pytest.raises(tf.errors.InvalidArgumentError, match=why):
+            ranked(padded, length, tf.constant(k))
+
+
+def test_recommend_by_names_equals_recommend_by_ids(trained, tmp_path):
+    catalog = yes_reader.read_catalog(os.path.join(trained.data_dir, "song_hash.txt"))
+    index = serving.song_index(trained.data_dir, catalog)
+    typed = []  # the title where it is unique, else "title - artist"; quoted (commas)
+    for song in HISTORIES[0]:
+        title, artist = catalog.titles[song], catalog.artists[song]
+        name = title if index.matches(title) == [song] else f"{title} - {artist}"
+        assert index.matches(name) == [song]
+        typed.append(f'"{name.upper()}"')
+    by_ids = tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history="12,845,3001"))
+    by_names = tasks.TASKS["next_song"].recommend(
+        dataclasses.replace(trained, history=", ".join(typed))
+    )
+    np.testing.assert_array_equal(by_names[0]["song_ids"], by_ids[0]["song_ids"])
+    path = tmp_path / "histories.txt"
+    path.write_text(", ".join(typed[:2]) + "\n" + typed[2] + "\n")
+    lines = tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history_file=str(path)))
+    expected = [HISTORIES[0][:2], HISTORIES[0][2:]]
+    assert [r["song_ids"].tolist() for r in lines] == [
+        tasks.TASKS["next_song"]
+        .recommend(dataclasses.replace(trained, history=",".join(map(str, h))))[0]["song_ids"]
+        .tolist()
+        for h in expected
+    ]
 
 
 def test_export_versions_count_up_and_never_overwrite(trained, model, tmp_path):
@@ -265,7 +311,7 @@ def test_help_lists_every_flag_by_group_from_the_console_script():
             assert flag in section, (group, field.name)
             first_words = " ".join(field.metadata["help"].split()[:3])
             assert first_words in " ".join(section.split()), (group, field.name)
-    assert "--mode: <train|eval|recommend|export>" in out and "--verbosity" in out
+    assert "--mode: <train|eval|recommend|export|search>" in out and "--verbosity" in out
 
 
 def test_projector_hook_saves_the_final_weights_and_checks_rows(tmp_path):
