@@ -230,6 +230,9 @@ class AudioFeaturesTask:
     def search(self, config: config_lib.Config) -> list[int]:
         raise ConfigError(f"--mode=search: not available for --task={self.name}")
 
+    def serve(self, config: config_lib.Config) -> None:
+        raise ConfigError(f"--mode=serve: not available for --task={self.name}")
+
 
 def write_summaries(log_dir: str, results: dict, charts: dict[str, str]) -> None:
     """TensorBoard: per-month hit rates of every method as scalars `<protocol>/<method>` (step =

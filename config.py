@@ -243,6 +243,8 @@ class Config:
     )
     exclude_history: bool = _serving(True, "Never recommend a song that is already in the history.")
     query: str = _serving("", "--mode=search: the songs whose name matches, best first.")
+    host: str = _serving("127.0.0.1", "--mode=serve: the address to listen on.")
+    port: int = _serving(8501, "--mode=serve: the TCP port.", bound=Bound(1, high=65536))
     export_version: int = _serving(
         0,
         "--mode=export writes model_dir/export/<version>/ (0: one more than the newest there).",

@@ -1,6 +1,6 @@
 """deepcf: sequential music recommendation with recurrent networks.
 
-Usage: deepcf --mode=train|eval|recommend|export|search [flags]   (or: python deepcf.py ...)
+Usage: deepcf --mode=train|eval|recommend|export|search|serve [flags]   (or: python deepcf.py ...)
 
 Every `config.Config` field is a flag of the same name; only the flags given on the command line
 (or in a `--flagfile`) override the defaults. `--help` lists them by group; `--helpfull` adds
@@ -25,11 +25,11 @@ if TYPE_CHECKING:  # tasks imports TensorFlow: only after the flags are checked
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "recommend", "export", "search"],
+    ["train", "eval", "recommend", "export", "search", "serve"],
     "train: fit and save model_dir/model.keras; eval: test-set metrics to metrics.json; "
     "recommend: the --top_k next songs after --history or --history_file; export: a SavedModel "
     "for TensorFlow Serving in model_dir/export/<version>/; search: catalog songs by name "
-    "(--query).",
+    "(--query); serve: HTTP on --host:--port (TF Serving's REST predict, /recommend, a page).",
     module_name="deepcf",
 )
 flags.FLAGS.register_key_flag_for_module("deepcf", flags.FLAGS["verbosity"])
@@ -105,6 +105,7 @@ def run_mode(task: tasks.Task, mode: str, config: config_lib.Config) -> None:
         "recommend": task.recommend,
         "export": task.export,
         "search": task.search,
+        "serve": task.serve,
     }
     methods[mode](config)
 

@@ -205,6 +205,18 @@ class NextSongTask:
         serving.print_songs(found, catalog)
         return found
 
+    def serve(self, config: config_lib.Config) -> None:
+        """Answers HTTP on --host:--port with the model of --model_dir (see server.py) until
+        stopped (Ctrl-C)."""
+        import server  # FastAPI and uvicorn only for this mode
+
+        server.check_port(config.host, config.port)
+        catalog = yes_reader.read_catalog(os.path.join(config.data_dir, "song_hash.txt"))
+        index = serving.song_index(config.data_dir, catalog)
+        model = load_trained(config, catalog.size)
+        serving.checked_serving_function(config, model)  # --top_k fits the catalog
+        server.run(server.make_app(model, index, config), config.host, config.port)
+
     def export(self, config: config_lib.Config) -> str:
         """Writes the serving SavedModel to model_dir/export/<version>/ and prints its path."""
         model = modeltrainer.load_model(config.model_dir)

@@ -32,6 +32,7 @@ setup(
         "kernels",
         "serving",
         "names",
+        "server",
     ],
     install_requires=[
         "tensorflow>=2.16",
@@ -44,7 +45,10 @@ setup(
         "absl-py",
         "tensorboard",
         "matplotlib",
+        "fastapi",  # --mode=serve: the HTTP endpoints, JSON errors (server.py)
+        "uvicorn",  # --mode=serve: the ASGI server that runs them
     ],
-    extras_require={"test": ["pytest", "hypothesis", "ruff"]},
+    # selenium: the page's browser test drives Debian's chromium + chromium-driver (.ci/run).
+    extras_require={"test": ["pytest", "hypothesis", "ruff", "selenium"]},
     entry_points={"console_scripts": ["deepcf=deepcf:run"]},
 )

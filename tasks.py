@@ -34,6 +34,9 @@ class Task(Protocol):
     def search(self, config: config_lib.Config) -> list[int]:
         """--mode=search: prints and returns the catalog songs matching --query."""
 
+    def serve(self, config: config_lib.Config) -> None:
+        """--mode=serve: answers HTTP requests with the saved model until stopped."""
+
 
 TASKS: dict[str, Task] = {
     task.name: task for task in (next_song_task.NextSongTask(), audio_task.AudioFeaturesTask())

@@ -4,11 +4,17 @@ in a subprocess, the model's view of every event worked out independently; the `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -173,3 +179,42 @@ def reference_events(model, playlists: list) -> tuple:
         log_p = log_softmax(scores.astype(np.float64), -1)
         log_probs.append(np.take_along_axis(log_p, targets, -1)[:, 0])
     return np.concatenate(log_probs), np.concatenate(ranks)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on at 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(data_dir, model_dir, *flags: str, timeout: float = 600):
+    """`deepcf.py --mode=serve` in a subprocess on a free 127.0.0.1 port; yields its base URL
+    once it answers, and stops it (SIGTERM) afterwards."""
+    port = free_port()
+    argv = cli_command(
+        "--mode=serve", f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--port={port}"
+    )
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [*argv, *flags], stdout=log, stderr=subprocess.STDOUT, env=quiet_env(), cwd=ROOT
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    pytest.fail(f"the server exited ({process.returncode}): {log.read()[-3000:]}")
+                try:
+                    urllib.request.urlopen(f"{url}/v1/models/deepcf", timeout=10).close()
+                    break
+                except (urllib.error.URLError, ConnectionError):
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"the server did not answer within {timeout} s")
+                    time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(60)
