@@ -11,12 +11,13 @@ Endpoints (every error is a 4xx with a JSON `{"error": ...}`; the server keeps s
 - `GET /`: the page (web/index.html).
 
 Every answer comes from `serving.ranking_function`, the code behind `--mode=recommend` and the
-export; TF functions may be called from several threads at once (uvicorn runs these handlers in
-its thread pool).
+export. The model runs in Starlette's thread pool (TF functions may be called from several
+threads at once), so the event loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -28,6 +29,7 @@ import uvicorn
 from absl import logging
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 import config as config_lib
@@ -177,10 +179,10 @@ def make_app(model: MusicModel, index: names.SongIndex, config: config_lib.Confi
         return _error(400, str(e))
 
     @app.exception_handler(RequestValidationError)
-    def unreadable(request: fastapi.Request, e: RequestValidationError) -> JSONResponse:
+    def invalid(request: fastapi.Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(part) for part in first.get("loc", ("request",)))
-        return _error(400, f"{where}: {first.get('msg', 'unreadable')} (the body is a JSON object)")
+        return _error(400, f"{where}: {first.get('msg', 'invalid')}")
 
     @app.exception_handler(HTTPException)
     def http_error(request: fastapi.Request, e: HTTPException) -> JSONResponse:
@@ -197,13 +199,13 @@ def make_app(model: MusicModel, index: names.SongIndex, config: config_lib.Confi
         return {"model_version_status": [{"version": "1", "state": "AVAILABLE", "status": ok}]}
 
     @app.post("/v1/models/{name}:predict")
-    def predict(name: str, body: dict = fastapi.Body(...)) -> dict:  # noqa: B008 (FastAPI idiom)
+    async def predict(name: str, request: fastapi.Request) -> dict:
         check_name(name)
-        return served.predict(body)
+        return await run_in_threadpool(served.predict, await json_body(request))
 
     @app.post("/recommend")
-    def recommend(body: dict = fastapi.Body(...)) -> dict:  # noqa: B008
-        return served.recommend(body)
+    async def recommend(request: fastapi.Request) -> dict:
+        return await run_in_threadpool(served.recommend, await json_body(request))
 
     @app.get("/search")
     def search(q: str = "", k: int = 10) -> dict:
@@ -211,6 +213,18 @@ def make_app(model: MusicModel, index: names.SongIndex, config: config_lib.Confi
         return {"songs": [served.song(s) for s in found]}
 
     return app
+
+
+async def json_body(request: fastapi.Request) -> dict:
+    """The request's body as a JSON object, whatever its Content-Type says (curl -d sends
+    application/x-www-form-urlencoded; TF Serving reads JSON all the same)."""
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the body is not JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 def check_name(name: str) -> None:

@@ -44,11 +44,11 @@ def index(trained):
 
 
 def call(url: str, path: str, body=None, method: str | None = None, raw: bytes | None = None):
-    """(status, JSON answer) of one request; `body` is sent as JSON, `raw` as it is."""
+    """(status, JSON answer) of one request; `body` is sent as JSON, `raw` as it is (with
+    urllib's Content-Type application/x-www-form-urlencoded, as `curl -d` sends it)."""
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url + path, data, {"Content-Type": "application/json"}, method=method
-    )
+    headers = {} if raw is not None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(url + path, data, headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -91,6 +91,8 @@ def test_predict_row_and_columnar_equal_recommend(url, trained):
     columns = {"inputs": {"history": [HISTORY, other], "length": [3, 3]}}
     status, answer = call(url, "/v1/models/deepcf:predict", columns)
     assert status == 200 and answer["outputs"]["song_ids"] == expected
+    curl = json.dumps(columns).encode()  # no JSON Content-Type, as `curl -d` sends it
+    assert call(url, "/v1/models/deepcf:predict", raw=curl)[1]["outputs"]["song_ids"] == expected
     for k in (1, 8):  # the top_k signature: k per request
         expected = [recommend_cli(trained, ",".join(map(str, HISTORY)), k)]
         body = {"signature_name": "top_k", "inputs": {"history": [HISTORY], "length": [3], "k": k}}
@@ -146,8 +148,9 @@ def ambiguous_title(index) -> str:
 
 
 BAD = [  # (path, body or raw bytes, method, status, start of the error)
-    ("/v1/models/deepcf:predict", b"{not json", None, 400, "body"),
-    ("/v1/models/deepcf:predict", [1, 2], None, 400, "body"),
+    ("/v1/models/deepcf:predict", b"{not json", None, 400, "the body is not JSON"),
+    ("/v1/models/deepcf:predict", [1, 2], None, 400, "the body must be a JSON object, got list"),
+    ("/recommend", b"\xff", None, 400, "the body is not JSON"),
     ("/v1/models/deepcf:predict", {}, None, 400, "give either 'instances'"),
     ("/v1/models/deepcf:predict", {"instances": []}, None, 400, "instances: expected a non-empty"),
     ("/v1/models/deepcf:predict", {"instances": [5]}, None, 400, "instances: each instance"),
