@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import heapq
 import os
 import re
 import unicodedata
@@ -198,7 +199,9 @@ class SongIndex:
         shared = collections.Counter()
         for g in _trigrams(query):
             shared.update(self._grams.get(g, ()))
-        candidates = [song for song, _ in shared.most_common(FUZZY_CANDIDATES)]
+        # ties by id: the trigrams are a set, whose order changes with each run's hash seed
+        best = heapq.nsmallest(FUZZY_CANDIDATES, shared.items(), key=lambda c: (-c[1], c[0]))
+        candidates = [song for song, _ in best]
 
         def likeness(song: int) -> float:
             matcher = difflib.SequenceMatcher(None, query, self._titles[song])

@@ -3,7 +3,10 @@ by hand, then the shipped yes_big catalog, then --mode=search and --mode=recomme
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -143,6 +146,32 @@ def test_yes_big_names(yes_big):
     with pytest.raises(errors.ConfigError, match="754 Come As You Are .Nirvana., 7724 Come"):
         yes_big.resolve("come as you are - nirvana", "--history")
     assert yes_big.search("firework", 3)[0] == 5794
+
+
+CLOSEST = """
+import sys, names
+rows = [line.split("\\t") for line in open(sys.argv[1], encoding="utf-8").read().splitlines()]
+index = names.SongIndex([r[1] for r in rows], [r[2] for r in rows])
+print(index.closest("Firewrk"), index.search("fire", 20))
+"""
+
+
+def test_closest_songs_do_not_depend_on_the_hash_seed():
+    # Trigrams are kept in sets, whose order changes with PYTHONHASHSEED: ties must not.
+    path = ROOT / "data" / "yes_big" / "song_hash.txt"
+    answers = set()
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        result = subprocess.run(
+            [sys.executable, "-c", CLOSEST, str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+        answers.add(result.stdout)
+    assert len(answers) == 1
 
 
 def test_search_cli_prints_matches_best_first(tmp_path):
