@@ -13,8 +13,12 @@ import math
 from typing import Any
 
 from errors import ConfigError
+from flagspec import FRACTION, NEXT_SONG, NON_NEGATIVE, POSITIVE, TASK_NAMES, Bound
+from flagspec import audio as _audio
+from flagspec import evaluation as _evaluation
+from flagspec import field as _field
+from flagspec import serving as _serving
 
-TASK_NAMES = ("next_song", "audio_features")
 CELLS = ("lstm", "gru")
 SOFTMAXES = ("full", "sampled")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # see cluster.py
@@ -42,58 +46,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan")  # baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bound:
-    """A numeric range: `low` (excluded if `low_open`) up to `high` (excluded), if given."""
-
-    low: float
-    low_open: bool = False
-    high: float | None = None
-
-    def holds(self, value: float) -> bool:
-        above = value > self.low if self.low_open else value >= self.low
-        return above and (self.high is None or value < self.high)
-
-    def __str__(self) -> str:
-        if self.high is not None:
-            return f"in [{self.low:g}, {self.high:g})"
-        return f"{'>' if self.low_open else '>='} {self.low:g}"
-
-
-POSITIVE, NON_NEGATIVE, FRACTION = Bound(0, low_open=True), Bound(0), Bound(0, high=1)
-NEXT_SONG, AUDIO = ("next_song",), ("audio_features",)
-
-
-def _field(
-    default: Any,
-    group: str,
-    help: str,
-    *,
-    tasks: tuple[str, ...] = TASK_NAMES,
-    bound: Bound | None = None,
-    choices: tuple[str, ...] | None = None,
-) -> Any:
-    """A Config field with its `--help` group and text, the tasks that read it, and its bound
-    or choices (checked in `Config.__post_init__`, shown in `--help`)."""
-    metadata = {"group": group, "help": help, "tasks": tasks, "bound": bound, "choices": choices}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def _audio(default: Any, help: str, **limits: Any) -> Any:
-    """A field of the audio group, read by --task=audio_features only."""
-    return _field(default, "audio", help, tasks=AUDIO, **limits)
-
-
-def _evaluation(default: Any, help: str, **limits: Any) -> Any:
-    """A field of the evaluation group, read by --task=next_song only."""
-    return _field(default, "evaluation", help, tasks=NEXT_SONG, **limits)
-
-
-def _serving(default: Any, help: str, **limits: Any) -> Any:
-    """A field of the serving group, read by --task=next_song only."""
-    return _field(default, "serving", help, tasks=NEXT_SONG, **limits)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

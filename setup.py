@@ -33,6 +33,7 @@ setup(
         "serving",
         "names",
         "server",
+        "flagspec",
     ],
     install_requires=[
         "tensorflow>=2.16",

@@ -1,0 +1,64 @@
+"""The metadata of `config.Config` fields: bound, `--help` group and text, tasks that read them.
+
+Each field of the Config is declared with `field`; `config.py` checks the bounds and choices in
+`Config.__post_init__`, and `deepcf.py` shows them in `--help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+TASK_NAMES = ("next_song", "audio_features")
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A numeric range: `low` (excluded if `low_open`) up to `high` (excluded), if given."""
+
+    low: float
+    low_open: bool = False
+    high: float | None = None
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and (self.high is None or value < self.high)
+
+    def __str__(self) -> str:
+        if self.high is not None:
+            return f"in [{self.low:g}, {self.high:g})"
+        return f"{'>' if self.low_open else '>='} {self.low:g}"
+
+
+POSITIVE, NON_NEGATIVE, FRACTION = Bound(0, low_open=True), Bound(0), Bound(0, high=1)
+NEXT_SONG, AUDIO = ("next_song",), ("audio_features",)
+
+
+def field(
+    default: Any,
+    group: str,
+    help: str,
+    *,
+    tasks: tuple[str, ...] = TASK_NAMES,
+    bound: Bound | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A Config field with its `--help` group and text, the tasks that read it, and its bound
+    or choices (checked in `Config.__post_init__`, shown in `--help`)."""
+    metadata = {"group": group, "help": help, "tasks": tasks, "bound": bound, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def audio(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the audio group, read by --task=audio_features only."""
+    return field(default, "audio", help, tasks=AUDIO, **limits)
+
+
+def evaluation(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the evaluation group, read by --task=next_song only."""
+    return field(default, "evaluation", help, tasks=NEXT_SONG, **limits)
+
+
+def serving(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the serving group, read by --task=next_song only."""
+    return field(default, "serving", help, tasks=NEXT_SONG, **limits)
