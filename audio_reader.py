@@ -54,7 +54,8 @@ def _spotify_id(value: object) -> str:
     return "" if value is None else str(value).strip().rsplit(":", 1)[-1]
 
 
-def _open_text(path: str) -> str:
+def open_text(path: str) -> str:
+    """The text of a UTF-8 file (a BOM dropped, CRLF and CR read as LF); DataError naming it."""
     try:
         with open(path, encoding="utf-8-sig") as f:  # \r\n and \r read as \n
             return f.read()
@@ -82,13 +83,19 @@ def _json_play(path: str, line: int, obj: object) -> tuple:
     return (t, a or "", n or "", _spotify_id(obj.get("spotify_track_uri")), ms, path, line)
 
 
-def _json_plays(path: str, text: str) -> list[tuple]:
-    """Spotify StreamingHistory (or extended) JSON array → play tuples with line numbers."""
+def json_array_objects(path: str, text: str) -> Iterator[tuple[int, object]]:
+    """The values of a JSON array (e.g. a Spotify StreamingHistory file), each with the line it
+    starts on; one value is decoded at a time, so an error names its own line.
+
+    Raises:
+      DataError `path:line: ...` if `text` is not an array, a value is not valid JSON or is nested
+        too deeply.
+    """
     decoder, skip = json.JSONDecoder(), re.compile(r"[\s,]*")
     pos = skip.match(text).end()
     if text[pos : pos + 1] != "[":
         raise DataError(f"{path}:1: expected a JSON array of plays")
-    rows, line, seen = [], 1, 0
+    line, seen = 1, 0
     pos = skip.match(text, pos + 1).end()
     while pos < len(text) and text[pos] != "]":
         line, seen = line + text.count("\n", seen, pos), pos
@@ -98,9 +105,13 @@ def _json_plays(path: str, text: str) -> list[tuple]:
             raise DataError(f"{path}:{e.lineno}: {e.msg}") from None
         except RecursionError:
             raise DataError(f"{path}:{line}: JSON nested too deeply") from None
-        rows.append(_json_play(path, line, obj))
+        yield line, obj
         pos = skip.match(text, pos).end()
-    return rows
+
+
+def _json_plays(path: str, text: str) -> list[tuple]:
+    """Spotify StreamingHistory (or extended) JSON array → play tuples with line numbers."""
+    return [_json_play(path, line, obj) for line, obj in json_array_objects(path, text)]
 
 
 def _csv_plays(path: str, text: str) -> list[tuple]:
@@ -165,7 +176,7 @@ def read_log(path: str, user: str | None = None) -> pd.DataFrame:
       `track_id` (Spotify id or ''), `ms_played` (float64, NaN if the log has none), `source`,
       `line`.
     """
-    text = _open_text(path)
+    text = open_text(path)
     if path.endswith(".json"):
         rows = _json_plays(path, text)
     elif path.endswith(".csv"):
@@ -218,7 +229,7 @@ def read_features(path: str) -> pd.DataFrame:
     Returns:
       Columns `track_id`, `artist`, `title`, the 11 features (float64), `source`, `line`.
     """
-    text = _open_text(path)
+    text = open_text(path)
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
     missing = [f for f in FEATURES if f not in header]

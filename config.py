@@ -17,6 +17,7 @@ from flagspec import FRACTION, NEXT_SONG, NON_NEGATIVE, POSITIVE, TASK_NAMES, Bo
 from flagspec import audio as _audio
 from flagspec import evaluation as _evaluation
 from flagspec import field as _field
+from flagspec import import_field as _import
 from flagspec import serving as _serving
 
 CELLS = ("lstm", "gru")
@@ -27,6 +28,15 @@ STANDARDIZE = ("train", "global")
 HOLDOUTS = ("test", "validation")
 AUDIO_HEADS = ("both", "ranking", "regression")
 RANKING_QUERIES = ("none", "gru")
+SPLITS = ("auto", "random", "time")  # --mode=import, see importer.py
+COLUMNS = {  # --mode=import: column names found without a --<role>_column flag, first wins
+    "playlist": ("playlist_id", "playlist", "session_id", "session", "pid"),
+    "order": ("position", "pos", "timestamp", "ts", "endTime", "end_time", "time", "played_at"),
+    "song": ("track_uri", "spotify_track_uri", "track_id", "song_id", "uri"),
+    "title": ("trackName", "master_metadata_track_name", "title", "track_name", "track", "song"),
+    "artist": ("artistName", "master_metadata_album_artist_name", "artist", "artist_name"),
+    "ms_played": ("msPlayed", "ms_played"),
+}
 _HARRY = "data/harry2687-spotify-2023"
 # Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
 # the GRU report's chapter 3 settings (2 GRU layers of 512 units, Adam 0.01, batch 1, 5 epochs
@@ -46,6 +56,12 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan")  # baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
+
+
+def _column(role: str, what: str, without: str) -> Any:
+    """An import flag naming the column of `role`; by default the first of `COLUMNS[role]`."""
+    text = f"The column of {what} (default: the first of {', '.join(COLUMNS[role])}"
+    return _import("", text + (f"; none: {without})." if without else ")."))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -203,6 +219,29 @@ class Config:
         bound=NON_NEGATIVE,
     )
 
+    input: str = _import(
+        "", "CSV, JSON Lines or JSON array (Spotify history) files of plays; commas, globs."
+    )
+    playlist_column: str = _column("playlist", "the playlist or session key", "sessions cut")
+    order_column: str = _column("order", "integer positions or timestamps", "file order")
+    song_column: str = _column("song", "an external song key", "title + artist")
+    title_column: str = _column("title", "the song title", "")
+    artist_column: str = _column("artist", "the artist", "")
+    session_gap: float = _import(
+        30.0, "No playlist column: a pause over this many minutes starts a session.", bound=POSITIVE
+    )
+    keep_repeats: bool = _import(False, "Keep a song played twice in a row (default: once).")
+    split: str = _import(
+        "auto",
+        "test.txt: random playlists (--seed), or time: those starting in the last --test_fraction "
+        "of the time span; auto: time if the order column holds timestamps, else random.",
+        choices=SPLITS,
+    )
+    test_fraction: float = _import(
+        0.1, "Share of the playlists or time span for test.txt.", bound=Bound(0, True, 1)
+    )
+    overwrite: bool = _import(False, "Replace a --data_dir that is not empty (default: refuse).")
+
     listening_log: str = _audio(
         "",
         "Listening log file(s) or glob(s), comma-separated: Spotify .json or .csv history, "
@@ -212,9 +251,11 @@ class Config:
         "", "Spotify audio-feature CSV(s) or glob(s), comma-separated; first listed wins."
     )
     user: str = _audio("", "Last.fm-1K user id to keep (needed if the log has several).")
-    min_ms_played: int = _audio(
+    min_ms_played: int = _field(
         30_000,
-        "Plays shorter than this (ms) are skips and dropped (logs with msPlayed).",
+        "audio",
+        "Plays shorter than this (ms) are skips and dropped (logs with msPlayed; also "
+        "--mode=import).",
         bound=NON_NEGATIVE,
     )
     english_only: bool = _audio(

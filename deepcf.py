@@ -1,6 +1,6 @@
 """deepcf: sequential music recommendation with recurrent networks.
 
-Usage: deepcf --mode=train|eval|recommend|export|search|serve [flags]   (or: python deepcf.py ...)
+Usage: deepcf --mode=train|eval|recommend|export|search|serve|import [flags] (or python deepcf.py)
 
 Every `config.Config` field is a flag of the same name; only the flags given on the command line
 (or in a `--flagfile`) override the defaults. `--help` lists them by group; `--helpfull` adds
@@ -25,11 +25,12 @@ if TYPE_CHECKING:  # tasks imports TensorFlow: only after the flags are checked
 _MODE = flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "recommend", "export", "search", "serve"],
+    ["train", "eval", "recommend", "export", "search", "serve", "import"],
     "train: fit and save model_dir/model.keras; eval: test-set metrics to metrics.json; "
     "recommend: the --top_k next songs after --history or --history_file; export: a SavedModel "
     "for TensorFlow Serving in model_dir/export/<version>/; search: catalog songs by name "
-    "(--query); serve: HTTP on --host:--port (TF Serving's REST predict, /recommend, a page).",
+    "(--query); serve: HTTP on --host:--port (TF Serving's REST predict, /recommend, a page); "
+    "import: a file of plays (--input) into a new --data_dir.",
     module_name="deepcf",
 )
 flags.FLAGS.register_key_flag_for_module("deepcf", flags.FLAGS["verbosity"])
@@ -117,10 +118,15 @@ def main(argv: list[str]) -> int:
         config = config_from_flags()  # before the slow TensorFlow import: bad flags fail at once
     except errors.ConfigError as e:
         return _error(e)
-    import tasks
-
     try:
-        run_mode(tasks.TASKS[config.task], _MODE.value, config)
+        if _MODE.value == "import":  # no TensorFlow needed
+            import importer
+
+            importer.run(config)
+        else:
+            import tasks
+
+            run_mode(tasks.TASKS[config.task], _MODE.value, config)
     except (
         errors.ConfigError,
         errors.DataError,

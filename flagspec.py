@@ -59,6 +59,11 @@ def evaluation(default: Any, help: str, **limits: Any) -> Any:
     return field(default, "evaluation", help, tasks=NEXT_SONG, **limits)
 
 
+def import_field(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the import group, read by --mode=import (--task=next_song) only."""
+    return field(default, "import", "--mode=import: " + help, tasks=NEXT_SONG, **limits)
+
+
 def serving(default: Any, help: str, **limits: Any) -> Any:
     """A field of the serving group, read by --task=next_song only."""
     return field(default, "serving", help, tasks=NEXT_SONG, **limits)

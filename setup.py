@@ -33,6 +33,7 @@ setup(
         "serving",
         "names",
         "server",
+        "importer",
         "flagspec",
     ],
     install_requires=[

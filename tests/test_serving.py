@@ -311,7 +311,8 @@ def test_help_lists_every_flag_by_group_from_the_console_script():
             assert flag in section, (group, field.name)
             first_words = " ".join(field.metadata["help"].split()[:3])
             assert first_words in " ".join(section.split()), (group, field.name)
-    assert "--mode: <train|eval|recommend|export|search|serve>" in out and "--verbosity" in out
+    assert "--mode: <train|eval|recommend|export|search|serve|import>" in out
+    assert "--verbosity" in out
 
 
 def test_projector_hook_saves_the_final_weights_and_checks_rows(tmp_path):
