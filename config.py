@@ -180,6 +180,14 @@ class Config:
         bound=NON_NEGATIVE,
     )
     seed: int = _field(0, "training", "Seed for the validation split, data order and weights.")
+    init_from: str = _field(
+        "",
+        "training",
+        "Start from the weights of another run's model_dir, rows matched by song key (a new "
+        "song starts as the rarest known one); ignored, with a warning, if --model_dir has a "
+        "checkpoint to resume.",
+        tasks=NEXT_SONG,
+    )
     strategy: str = _field(
         "default",
         "training",

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -362,3 +362,16 @@ def run(config: config_lib.Config) -> list[str]:
     report.append(f"wrote {config.data_dir}: {', '.join(files)}")
     print("\n".join(report))
     return report
+
+
+def catalog_keys(data_dir: str, titles: Sequence[str], artists: Sequence[str]) -> list[str]:
+    """The key of each catalog song: its key in `data_dir/song_keys.txt` (from an import), else
+    its normalised "title - artist" (`names.song_key`)."""
+    keys = names.read_keys(data_dir, len(titles)) or [""] * len(titles)
+    pairs = zip(keys, titles, artists, strict=True)
+    return [key or names.song_key(title, artist) for key, title, artist in pairs]
+
+
+def write_song_keys(path: str, keys: Sequence[str]) -> None:
+    """Writes `keys` as `song_keys.txt` (atomically)."""
+    rundir.write_text_atomic(path, "".join(f"{i}\t{key}\n" for i, key in enumerate(keys)))

@@ -13,9 +13,11 @@ import blend
 import cluster
 import config as config_lib
 import hooks
+import importer
 import metrics
 import modeltrainer
 import musicmodel
+import names
 import rundir
 import serving
 import yes_reader
@@ -70,6 +72,18 @@ def song_labels(data_dir: str, catalog: yes_reader.Catalog) -> tuple[tuple, list
     return columns, [("<padding>",) + ("",) * (len(columns) - 1), *zip(*songs, strict=True)]
 
 
+def load_init_source(config: config_lib.Config) -> tuple[musicmodel.MusicModel, list[str]] | None:
+    """The model of --init_from and its catalog keys (`model_dir/song_keys.txt`), if given."""
+    if not config.init_from:
+        return None
+    where = f"--init_from={config.init_from}"
+    path = os.path.join(config.init_from, names.KEYS_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(f"{where}: no {path}; that run is older than --init_from, train it again")
+    old = modeltrainer.load_model(config.init_from)
+    return old, list(names.read_keys(config.init_from, old.num_songs))
+
+
 def load_trained(config: config_lib.Config, num_songs: int) -> musicmodel.MusicModel:
     """The model saved in --model_dir, checked to score the `num_songs` songs of --data_dir."""
     model = modeltrainer.load_model(config.model_dir)
@@ -96,10 +110,12 @@ class NextSongTask:
         )
         if config.softmax == "sampled":  # before anything is written
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
+        keys = importer.catalog_keys(config.data_dir, data.catalog.titles, data.catalog.artists)
+        source = load_init_source(config)
         write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
         rundir.make_model_dir(write_dir)
         with rundir.lock_model_dir(write_dir):
-            self._train(config, strategy, data, windows, write_dir)
+            self._train(config, strategy, data, windows, write_dir, keys, source)
 
     def _train(
         self,
@@ -108,8 +124,11 @@ class NextSongTask:
         data: yes_reader.YesData,
         windows: yes_reader.Windows,
         write_dir: str,
+        keys: list[str],
+        source: tuple[musicmodel.MusicModel, list[str]] | None,
     ) -> None:
-        """Builds the model and hooks and trains in `write_dir` (locked)."""
+        """Builds the model (from --init_from's `source` if given and nothing is to resume) and
+        hooks and trains in `write_dir` (locked); the catalog's song `keys` go to model_dir."""
 
         def write_run_config() -> None:  # once the checkpoint to resume is known to fit
             if cluster.is_chief(strategy):
@@ -117,6 +136,7 @@ class NextSongTask:
                 files += [yes_reader.playlist_path(config.data_dir, s) for s in ("train", "test")]
                 extra = {"num_songs": data.catalog.size, "train_events": windows.events}
                 rundir.write_run_config(config, files, extra)
+                importer.write_song_keys(os.path.join(config.model_dir, names.KEYS_FILE), keys)
 
         songs = data.catalog.size
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
@@ -143,6 +163,19 @@ class NextSongTask:
             steps_per_epoch=windows.num_windows,
             checkpoint_every_steps=config.checkpoint_every_steps,
         )
+        if source and trainer.manager.checkpoints:
+            logging.warning(
+                "--init_from=%s ignored: resuming this run's checkpoint", config.init_from
+            )
+        elif source:
+            kept = musicmodel.init_from(model, *source, keys, f"--init_from={config.init_from}")
+            logging.info(
+                "initialised from %s: %d of %d songs kept their weights, %d are new",
+                config.init_from,
+                kept,
+                len(keys),
+                len(keys) - kept,
+            )
         trainer.train(
             lambda step: cluster.distribute(strategy, windows, order[step:]),
             callbacks,

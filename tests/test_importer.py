@@ -222,3 +222,16 @@ def test_cli_refuses_a_full_data_dir_and_overwrites_only_when_asked(tmp_path):
     files = ["import.json", "song_hash.txt", "song_keys.txt", "test.txt", "train.txt"]
     assert sorted(os.listdir(data)) == files
     assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []  # no temporary left
+
+
+def test_catalog_keys_without_song_keys_file(tmp_path):
+    (tmp_path / "song_hash.txt").write_text("0\tHalo\tBeyoncé\n1\tFirework  \tKaty Perry\n")
+    catalog = yes_reader.read_catalog(str(tmp_path / "song_hash.txt"))
+    keys = importer.catalog_keys(str(tmp_path), catalog.titles, catalog.artists)
+    assert keys == ["halo - beyonce", "firework - katy perry"]
+    (tmp_path / "song_keys.txt").write_text("0\tspotify:track:1\n")  # song 1 has no key there
+    keys = importer.catalog_keys(str(tmp_path), catalog.titles, catalog.artists)
+    assert keys == ["spotify:track:1", "firework - katy perry"]
+    (tmp_path / "song_keys.txt").write_text("0\tspotify:track:1\n2\tx\n")
+    with pytest.raises(DataError, match=r"song_keys.txt:2: song id 2 is outside the catalog"):
+        importer.catalog_keys(str(tmp_path), catalog.titles, catalog.artists)
