@@ -227,14 +227,21 @@ def fit(names: Sequence[str], data: yes_reader.YesData) -> dict:
     return {name: BASELINES[name](data) for name in names}
 
 
-def evaluate(baseline, events: Events) -> dict:
-    """`metrics.report` of a baseline over `events`; log-likelihood None if it has none."""
+def evaluate(baseline, events: Events, exclude_history: bool = False) -> dict:
+    """`metrics.report` of a baseline over `events`; log-likelihood None if it has none.
+
+    `exclude_history` ranks each event without the songs of its history
+    (`metrics.exclude_history`); the log-likelihood is the baseline's own, unchanged.
+    """
     ranking = metrics.RankingMetrics()
     has_likelihood = True
     for start in range(0, len(events), CHUNK):
         index = slice(start, start + CHUNK)
         histories, targets = events.histories(index), events.targets[index]
-        ranks = metrics.pessimistic_ranks(baseline.scores(histories), targets)
+        scores = baseline.scores(histories)
+        if exclude_history:
+            scores = metrics.exclude_history(scores, histories)
+        ranks = metrics.pessimistic_ranks(scores, targets)
         log_likelihood = baseline.log_likelihood(histories, targets)
         has_likelihood = log_likelihood is not None
         ranking.update_state(

@@ -48,9 +48,10 @@ def model_probabilities(model, windows: yes_reader.Windows, w: int) -> np.ndarra
 
 def component_chunks(
     names: Sequence[str], fitted: dict, model, windows: yes_reader.Windows
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yields (targets int64 [n], probabilities float32 [components, n, songs]) for chunks of
-    about `CHUNK` consecutive events of `windows`; components in the order of `names`."""
+) -> Iterator[tuple[np.ndarray, list[np.ndarray], np.ndarray]]:
+    """Yields (targets int64 [n], their n histories, probabilities float32 [components, n,
+    songs]) for chunks of about `CHUNK` consecutive events of `windows`; components in the order
+    of `names`."""
     events = Events.from_windows(windows)
     per_window = windows.weights.sum(axis=(1, 2)).astype(np.int64)
     ends = np.cumsum(per_window)
@@ -66,12 +67,16 @@ def component_chunks(
             np.concatenate(pending) if name == "rnn" else fitted[name].probabilities(histories)
             for name in names
         ]
-        yield events.targets[index], np.stack(stack).astype(np.float32)
+        yield events.targets[index], histories, np.stack(stack).astype(np.float32)
         start, pending = ends[w], []
 
 
 def evaluate_blends(
-    blends: Sequence[dict[str, float]], fitted: dict, model, windows: yes_reader.Windows
+    blends: Sequence[dict[str, float]],
+    fitted: dict,
+    model,
+    windows: yes_reader.Windows,
+    exclude_history: bool = False,
 ) -> list[dict]:
     """`metrics.report` of each blend p = sum_c w_c p_c(song | history) over every event.
 
@@ -83,16 +88,21 @@ def evaluate_blends(
     Args:
       blends: weightings {component: weight} of the same components ("rnn" or names of `fitted`).
       fitted: fitted baselines by name; model: the trained model (used only if "rnn" is blended).
+      exclude_history: rank each event without the songs of its history, as --mode=recommend
+        serves (`metrics.exclude_history`); the log-likelihood stays the blend's own.
     """
     names = list(blends[0])
     rankings = [metrics.RankingMetrics() for _ in blends]
     weights = np.array([[blend[name] for name in names] for blend in blends], np.float32)
     weights /= weights.sum(axis=1, keepdims=True)
-    for targets, stack in component_chunks(names, fitted, model, windows):
+    for targets, histories, stack in component_chunks(names, fitted, model, windows):
         stack = ops.convert_to_tensor(stack)  # faster than numpy (docs/results.md)
         for ranking, row in zip(rankings, weights, strict=True):
             blended = ops.tensordot(row, stack, axes=1)
-            ranks = metrics.pessimistic_ranks(blended, targets)
+            ranked = blended
+            if exclude_history:
+                ranked = metrics.exclude_history(ops.convert_to_numpy(blended), histories)
+            ranks = metrics.pessimistic_ranks(ranked, targets)
             target_p = ops.take_along_axis(blended, ops.expand_dims(targets, -1), axis=-1)
             ranking.update_state(ranks, ops.log(ops.squeeze(target_p, -1)))
     reports = [metrics.report(ranking.result()) for ranking in rankings]
@@ -103,10 +113,13 @@ def evaluate_blends(
     return reports
 
 
-def choose_blend(names: Sequence[str], fitted: dict, model, valid: yes_reader.Windows) -> dict:
-    """The `simplex` weighting with the best validation Recall@20 x MRR@20, and its metrics."""
+def choose_blend(
+    names: Sequence[str], fitted: dict, model, valid: yes_reader.Windows, exclude: bool = False
+) -> dict:
+    """The `simplex` weighting with the best validation Recall@20 x MRR@20, and its metrics
+    (ranked without each event's history if `exclude`)."""
     grid = simplex(names)
-    reports = evaluate_blends(grid, fitted, model, valid)
+    reports = evaluate_blends(grid, fitted, model, valid, exclude)
     best = int(np.argmax([r["recall"]["20"] * r["mrr"]["20"] for r in reports]))
     for blend, report in zip(grid, reports, strict=True):
         logging.info(
@@ -130,16 +143,20 @@ def compare(config: config_lib.Config, model, windows: yes_reader.Windows) -> di
     blend = config.blend_weights
     fitted = fit(sorted(set(config.baseline_names) | (set(blend) - {"rnn"})), data)
     events = Events.from_windows(windows)
+    exclude = config.exclude_history
     out: dict = {
-        "baselines": {name: evaluate(fitted[name], events) for name in config.baseline_names}
+        "baselines": {
+            name: evaluate(fitted[name], events, exclude) for name in config.baseline_names
+        }
     }
     if blend:
         tuned = {}
         if None in blend.values():
             valid = yes_reader.make_windows(data.valid, windows.inputs.shape[1], config.num_steps)
-            tuned = choose_blend(list(blend), fitted, model, valid)
+            tuned = choose_blend(list(blend), fitted, model, valid, exclude)
             blend = tuned["weights"]
-        out["blend"] = {"weights": blend, **evaluate_blends([blend], fitted, model, windows)[0]}
+        report = evaluate_blends([blend], fitted, model, windows, exclude)[0]
+        out["blend"] = {"weights": blend, **report}
         if tuned:
             out["blend"]["validation"] = tuned["validation"]
     return out

@@ -53,6 +53,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
         features=f"{_HARRY}/full_track_features.csv,{_HARRY}/track_features.csv",
     ),
 }
+# eval ranks history songs unless --exclude_history is given: numbers comparable with published ones
+MODE_DEFAULTS: dict[str, dict[str, Any]] = {"eval": {"exclude_history": False}}
 LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan")  # baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
@@ -217,7 +219,10 @@ class Config:
     history_file: str = _serving(
         "", "--mode=recommend: a file with one history per line (as --history); one answer each."
     )
-    exclude_history: bool = _serving(True, "Never recommend a song that is already in the history.")
+    exclude_history: bool = _serving(
+        True,
+        "Never recommend a song of the history; eval (default false there): rank without them.",
+    )
     query: str = _serving("", "--mode=search: the songs whose name matches, best first.")
     host: str = _serving("127.0.0.1", "--mode=serve: the address to listen on.")
     port: int = _serving(8501, "--mode=serve: the TCP port.", bound=Bound(1, high=65536))
@@ -227,9 +232,7 @@ class Config:
         bound=NON_NEGATIVE,
     )
 
-    input: str = _import(
-        "", "CSV, JSON Lines or JSON array (Spotify history) files of plays; commas, globs."
-    )
+    input: str = _import("", "CSV, JSON Lines or Spotify JSON files of plays; commas, globs.")
     playlist_column: str = _column("playlist", "the playlist or session key", "sessions cut")
     order_column: str = _column("order", "integer positions or timestamps", "file order")
     song_column: str = _column("song", "an external song key", "title + artist")
@@ -428,15 +431,16 @@ def flag_help(field: dataclasses.Field) -> str:
     return text
 
 
-def make_config(given: dict[str, Any]) -> Config:
-    """The defaults of the task (`TASK_DEFAULTS`), overridden only by the settings given.
+def make_config(given: dict[str, Any], mode: str = "train") -> Config:
+    """The defaults of the task (`TASK_DEFAULTS`) and `mode` (`MODE_DEFAULTS`), overridden only by
+    the settings given.
 
     Raises:
       ConfigError naming the flag and the task if a setting is given that the task does not read
         (e.g. `--baselines` for audio_features), or if a value is out of bounds.
     """
     task = given.get("task", Config.task)
-    defaults = Config(task=task, **TASK_DEFAULTS.get(task, {}))
+    defaults = Config(task=task, **TASK_DEFAULTS.get(task, {}), **MODE_DEFAULTS.get(mode, {}))
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for name in given:
         if task not in fields[name].metadata["tasks"]:

@@ -88,7 +88,7 @@ flags.DEFINE_flag(_GroupedHelpFlag(), module_name="deepcf")
 def config_from_flags() -> config_lib.Config:
     """The Config of the defaults overridden by the flags that were given."""
     given = {name: holder.value for name, holder in _CONFIG_FLAGS.items() if holder.present}
-    return config_lib.make_config(given)
+    return config_lib.make_config(given, _MODE.value)
 
 
 def _error(e: Exception) -> int:

@@ -8,6 +8,7 @@ Ranks are pessimistic: a song whose score ties the target's is ranked above it.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 TOP_KS = (1, 5, 10, 20, 100, 500)
@@ -95,4 +96,17 @@ def report(results: dict, top_ks: tuple[int, ...] = TOP_KS) -> dict:
         out[kind] = {str(k): float(results[f"{kind}@{k}"]) for k in top_ks}
     out["log_likelihood"] = float(results["log_likelihood"])
     out["perplexity"] = float(results["perplexity"])
+    return out
+
+
+def exclude_history(scores: np.ndarray, histories: list[np.ndarray]) -> np.ndarray:
+    """`scores` float [events, songs] with each event's history songs at -inf, as
+    `--mode=recommend` leaves them out; a copy.
+
+    A target that is in its own history then ties with every song at -inf or above, so its
+    pessimistic rank is the whole catalog: a miss, as recommend never returns it.
+    """
+    out = np.array(scores)
+    for row, history in enumerate(histories):
+        out[row, history] = -np.inf
     return out

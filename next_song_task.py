@@ -193,8 +193,12 @@ class NextSongTask:
             "task": self.name,
             "split": "test",
             "playlists": int(sum(len(p) >= 2 for p in test)),
+            "exclude_history": config.exclude_history,
             **metrics.report(evaluate_windows(model, windows)),
         }
+        if config.exclude_history:  # the ranks as recommend serves; the model's own likelihood
+            served = blend.evaluate_blends([{"rnn": 1.0}], {}, model, windows, True)[0]
+            results.update({kind: served[kind] for kind in metrics.KINDS})
         if config.baselines or config.blend:
             results.update(blend.compare(config, model, windows))
         rows = {**results.get("baselines", {}), "model": results}

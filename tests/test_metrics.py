@@ -49,3 +49,20 @@ def test_report_schema():
     assert set(out) == {"events", "recall", "mrr", "ndcg", "log_likelihood", "perplexity"}
     assert list(out["recall"]) == ["1", "5", "10", "20", "100", "500"]
     assert out["recall"]["1"] == 0 and out["recall"]["5"] == 0.5 and out["events"] == 2
+
+
+def test_exclude_history_ranks_as_recommend_serves():
+    scores = np.array(
+        [
+            [0.1, 0.4, 0.3, 0.2],  # history [1], target 2: 0.4 is gone -> rank 1 (was 2)
+            [0.5, 0.2, 0.2, 0.1],  # history [0, 3], target 2: 0.5 gone, tie 0.2 -> rank 2 (was 3)
+            [0.9, 0.05, 0.03, 0.02],  # history [0, 2], target 0 is in it -> last: rank 4 (was 1)
+        ],
+        np.float32,
+    )
+    histories = [np.array([1]), np.array([0, 3]), np.array([0, 2])]
+    targets = np.array([2, 2, 0])
+    assert np.asarray(metrics.pessimistic_ranks(scores, targets)).tolist() == [2, 3, 1]
+    excluded = metrics.exclude_history(scores, histories)
+    assert np.asarray(metrics.pessimistic_ranks(excluded, targets)).tolist() == [1, 2, 4]
+    assert scores[0, 1] == np.float32(0.4)  # the input is not changed
