@@ -84,10 +84,18 @@ class Recommender:
         out = self.rank[exclude](padded, length, tf.constant(k, tf.int32))
         return {name: value.numpy() for name, value in out.items()}
 
-    def history(self, value: Any, where: str) -> list[int]:
-        """Song ids of one predict history: integers, first `length` of them used later."""
-        row = _list(value, where, MAX_HISTORY)
-        return [_int(s, f"{where}[{i}]", 0, self.num_songs - 1) for i, s in enumerate(row)]
+    def history(self, value: Any, length: Any, where: str) -> list[int]:
+        """The first `length` (default: all) entries of one predict history, each a song id.
+        Entries past `length` are padding: integers, but not checked against the catalog (as
+        the exported signature ignores them)."""
+        row = _list(value, f"history{where}", MAX_HISTORY)
+        padding = 2**31 - 1
+        row = [_int(s, f"history{where}[{i}]", -padding, padding) for i, s in enumerate(row)]
+        n = len(row) if length is None else _int(length, f"length{where}", 1, len(row))
+        songs = row[:n]
+        for i, s in enumerate(songs):
+            _int(s, f"history{where}[{i}]", 0, self.num_songs - 1)
+        return songs
 
     def predict(self, body: dict) -> dict:
         """TF Serving's predict: row format answers `predictions`, columnar `outputs`."""
@@ -107,18 +115,15 @@ class Recommender:
             columns = dict(body["inputs"])
         else:
             raise BadRequest("inputs: expected an object of named inputs")
-        histories = [
-            self.history(h, f"history[{i}]")
-            for i, h in enumerate(_list(columns.get("history"), "history", MAX_BATCH))
-        ]
+        rows = _list(columns.get("history"), "history", MAX_BATCH)
         lengths = columns.get("length")
-        if lengths is None or lengths == [None] * len(histories):
-            lengths = [len(h) for h in histories]
-        lengths = _list(lengths, "length", MAX_BATCH)
-        if len(lengths) != len(histories):
-            raise BadRequest(f"length: {len(lengths)} values for {len(histories)} histories")
-        for i, (h, n) in enumerate(zip(histories, lengths, strict=True)):
-            histories[i] = h[: _int(n, f"length[{i}]", 1, len(h))]
+        if lengths is None:
+            lengths = [None] * len(rows)
+        if len(_list(lengths, "length", MAX_BATCH)) != len(rows):
+            raise BadRequest(f"length: {len(lengths)} values for {len(rows)} histories")
+        histories = [
+            self.history(h, n, f"[{i}]") for i, (h, n) in enumerate(zip(rows, lengths, strict=True))
+        ]
         k = self.top_k
         if signature == "top_k":
             given = columns.get("k")

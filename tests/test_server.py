@@ -81,14 +81,15 @@ def test_status_is_tf_servings(url):
 def test_predict_row_and_columnar_equal_recommend(url, trained):
     other = [7, 100, 200]
     expected = [recommend_cli(trained, ",".join(map(str, h)), 5) for h in (HISTORY, other)]
+    # padding past `length` is ignored, whatever it holds (as by the exported signature)
     rows = {
-        "instances": [{"history": HISTORY, "length": 3}, {"history": other + [99], "length": 3}]
+        "instances": [{"history": HISTORY, "length": 3}, {"history": other + [-7], "length": 3}]
     }
     status, answer = call(url, "/v1/models/deepcf:predict", rows)
     assert status == 200, answer
     assert [p["song_ids"] for p in answer["predictions"]] == expected
     assert all(len(p["scores"]) == 5 for p in answer["predictions"])
-    columns = {"inputs": {"history": [HISTORY, other], "length": [3, 3]}}
+    columns = {"inputs": {"history": [HISTORY, other + [99999]], "length": [3, 3]}}
     status, answer = call(url, "/v1/models/deepcf:predict", columns)
     assert status == 200 and answer["outputs"]["song_ids"] == expected
     curl = json.dumps(columns).encode()  # no JSON Content-Type, as `curl -d` sends it
