@@ -212,6 +212,24 @@ def test_ranking_function_takes_k_per_call_and_checks_it(model):
             ranked(padded, length, tf.constant(k))
 
 
+def test_recommend_by_external_keys_of_song_keys_txt(trained, tmp_path):
+    import shutil
+
+    data_dir = tmp_path / "imported"
+    shutil.copytree(trained.data_dir, data_dir)
+    keys = {12: "spotify:track:aa12", 845: "spotify:track:bb845", 3001: "wonderwall - oasis"}
+    (data_dir / "song_keys.txt").write_text("".join(f"{i}\t{k}\n" for i, k in keys.items()))
+    cfg = dataclasses.replace(trained, data_dir=str(data_dir))
+    by_keys = dataclasses.replace(cfg, history="SPOTIFY:TRACK:AA12, spotify:track:bb845, 3001")
+    by_ids = dataclasses.replace(cfg, history="12,845,3001")
+    assert [r["song_ids"].tolist() for r in tasks.TASKS["next_song"].recommend(by_keys)] == [
+        r["song_ids"].tolist() for r in tasks.TASKS["next_song"].recommend(by_ids)
+    ]
+    (data_dir / "song_keys.txt").write_text("12\tspotify:track:aa12\n12\tother\n")
+    with pytest.raises(errors.DataError, match="song_keys.txt:2: song id 12 is given twice"):
+        tasks.TASKS["next_song"].recommend(by_keys)
+
+
 def test_recommend_by_names_equals_recommend_by_ids(trained, tmp_path):
     catalog = yes_reader.read_catalog(os.path.join(trained.data_dir, "song_hash.txt"))
     index = serving.song_index(trained.data_dir, catalog)
