@@ -35,11 +35,13 @@ def ranking_function(
     The whole history runs through `model.features` from a zero state (no carried variables are
     read or written) and only the output after its last song is scored and ranked. That scoring
     is XLA-compiled (TF's graph executor pays a per-op cost that dominates a 20-step LSTM at
-    batch 1; docs/results.md has the figures); XLA compiles once per input shape, so
-    requests are padded to a few shapes first: the batch to a power of two, the history width to
-    a multiple of `SERVE_WIDTH_STEP`. Padding after a history's last song does not change its
-    scores (the model reads left to right). The top `k` are taken after the compiled part, so
-    any `k` costs no new compilation.
+    batch 1; docs/results.md has the figures) and ranks the logits themselves: the songs of the
+    history get -inf and only the top `k` become probabilities, exp(logit - logsumexp(all
+    logits)), so no [batch, songs] softmax or mask is written. XLA compiles once per input
+    shape, so requests are padded to a few shapes first: the batch to a power of two, the
+    history width to a multiple of `SERVE_WIDTH_STEP`. Padding after a history's last song does
+    not change its scores (the model reads left to right). The top `k` are taken after the
+    compiled part, so any `k` costs no new compilation.
 
     Args of the returned function:
       history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
@@ -58,15 +60,13 @@ def ranking_function(
     def ranked_songs(tokens, length):
         queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
         last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
-        probs = tf.nn.softmax(model.scores(last))  # [batch, songs]
-        ranked = probs
-        if exclude_history:  # column t - 1 of token t; padding (token 0) lands in column -1
-            batch = tf.shape(tokens)[0]
-            rows = tf.broadcast_to(tf.range(batch)[:, None], tf.shape(tokens))
-            where = tf.stack([rows, tokens], -1)
-            seen = tf.scatter_nd(where, tf.ones_like(tokens), tf.stack([batch, 1 + num_songs]))
-            ranked = tf.where(seen[:, 1:] > 0, -1.0, probs)
-        return ranked
+        logits = model.scores(last)  # [batch, songs]; ranked as they are, no softmax pass
+        log_norm = tf.reduce_logsumexp(logits, -1, keepdims=True)
+        if exclude_history:  # song t - 1 of token t gets -inf; padding (token 0) keeps column 0
+            rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+            where = tf.stack([rows, tf.maximum(tokens - 1, 0)], -1)
+            logits = tf.tensor_scatter_nd_min(logits, where, tf.where(tokens > 0, -np.inf, np.inf))
+        return logits, log_norm
 
     @tf.function(
         input_signature=[
@@ -95,7 +95,9 @@ def ranking_function(
         columns = -width % SERVE_WIDTH_STEP
         tokens = tf.pad(tokens, [[0, rows], [0, columns]], constant_values=yes_reader.PAD_ID)
         length = tf.pad(length, [[0, rows]], constant_values=1)
-        scores, song_ids = tf.math.top_k(ranked_songs(tokens, length)[:batch], k)
+        logits, log_norm = ranked_songs(tokens, length)
+        top, song_ids = tf.math.top_k(logits[:batch], k)
+        scores = tf.where(top > -np.inf, tf.exp(top - log_norm[:batch]), -1.0)
         return {"song_ids": song_ids, "scores": scores}
 
     return recommend

@@ -351,3 +351,48 @@ def test_projector_hook_saves_the_final_weights_and_checks_rows(tmp_path):
     )
     tsv = (tmp_path / "metadata.tsv").read_text()
     assert tsv == "title\ttag\n<padding>\t\na b\tx\nc\t\n"
+
+
+def softmax_path_top_k(model, histories: list[list[int]], k: int):
+    """The scoring as it was before logits were ranked directly: the softmax of the last
+    position of each unpadded history, history songs set to -1, a stable sort (ties: lower id)."""
+    ids, scores = [], []
+    for history in histories:
+        logits, _ = model.forward(np.array([history], np.int32) + 1, model.zero_state(1))
+        probs = tf.nn.softmax(logits[0, -1]).numpy()
+        probs[history] = -1.0
+        order = np.argsort(-probs, kind="stable")[:k]
+        ids.append(order)
+        scores.append(probs[order])
+    return np.array(ids), np.array(scores)
+
+
+def test_batched_scoring_equals_the_softmax_path(trained, model):
+    # 40 histories of 1 to 20 songs (with repeats) in one padded batch of width 20: the ids must
+    # be exactly those of the softmax path and the probabilities equal to a relative 1e-6.
+    rng = np.random.default_rng(3)
+    histories = [rng.integers(0, model.num_songs, rng.integers(1, 21)).tolist() for _ in range(40)]
+    histories[0] = [9, 9, 9]
+    recommend = serving.serving_function(model, 20, exclude_history=True)
+    padded = [h + [0] * (20 - len(h)) for h in histories]
+    out = recommend(tf.constant(padded), tf.constant([len(h) for h in histories]))
+    ids, probs = softmax_path_top_k(model, histories, 20)
+    np.testing.assert_array_equal(out["song_ids"].numpy(), ids)
+    np.testing.assert_allclose(out["scores"].numpy(), probs, rtol=1e-6, atol=0)
+
+
+def test_excluded_songs_come_last_by_id_with_score_minus_one():
+    # A 6-song catalog, top 6 after the history [4, 1, 4]: the 4 other songs by probability,
+    # then the history's songs 1 and 4 with score -1, lower id first (as the softmax path does).
+    cfg = config_lib.Config(num_layers=1, embedding_size=4, hidden_size=4, batch_size=1)
+    model = musicmodel.build_model(cfg, 6)
+    rng = np.random.default_rng(0)
+    for variable in model.trainable_variables:
+        variable.assign(rng.normal(0, 1.0, variable.shape).astype(np.float32))
+    out = serving.serving_function(model, 6, exclude_history=True)(
+        tf.constant([[4, 1, 4]]), tf.constant([3])
+    )
+    ids, probs = softmax_path_top_k(model, [[4, 1, 4]], 6)
+    assert ids[0, 4:].tolist() == [1, 4] and probs[0, 4:].tolist() == [-1.0, -1.0]
+    np.testing.assert_array_equal(out["song_ids"].numpy(), ids)
+    np.testing.assert_allclose(out["scores"].numpy(), probs, rtol=1e-6, atol=0)
