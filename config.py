@@ -19,6 +19,7 @@ from flagspec import evaluation as _evaluation
 from flagspec import field as _field
 from flagspec import import_field as _import
 from flagspec import serving as _serving
+from flagspec import training as _training
 
 CELLS = ("lstm", "gru")
 SOFTMAXES = ("full", "sampled")
@@ -152,6 +153,11 @@ class Config:
         "faster on real playlists (about half of a training window is padding).",
         tasks=NEXT_SONG,
     )
+    precision: str = _training(
+        "float32",
+        "bfloat16: mixed precision (float32 weights, loss, scores); warns if the CPU lacks bf16.",
+        choices=("float32", "bfloat16"),
+    )
     loss_weighting: str = _field(
         "window",
         "training",
@@ -160,19 +166,14 @@ class Config:
         choices=LOSS_WEIGHTINGS,
         tasks=NEXT_SONG,
     )
-    early_stopping_patience: int = _field(
+    early_stopping_patience: int = _training(
         0,
-        "training",
-        "Stop after N epochs without a better validation MRR@20 and keep the best weights "
-        "(0: off).",
-        tasks=NEXT_SONG,
+        "Stop after N epochs without a better validation MRR@20, keep the best weights (0: off).",
         bound=NON_NEGATIVE,
     )
-    reduce_lr_patience: int = _field(
+    reduce_lr_patience: int = _training(
         0,
-        "training",
         "Halve the learning rate after N epochs without a better validation MRR@20.",
-        tasks=NEXT_SONG,
         bound=NON_NEGATIVE,
     )
     checkpoint_every_steps: int = _field(

@@ -67,3 +67,8 @@ def import_field(default: Any, help: str, **limits: Any) -> Any:
 def serving(default: Any, help: str, **limits: Any) -> Any:
     """A field of the serving group, read by --task=next_song only."""
     return field(default, "serving", help, tasks=NEXT_SONG, **limits)
+
+
+def training(default: Any, help: str, **limits: Any) -> Any:
+    """A field of the training group, read by --task=next_song only."""
+    return field(default, "training", help, tasks=NEXT_SONG, **limits)

@@ -9,9 +9,13 @@ cross-entropy of the logits), `FusedAdam` (Keras' Adam). `SongSampler` and
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from keras import layers, ops
 
 
@@ -116,15 +120,21 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     one-hot part is a scatter of the queries, so the two gradient matmuls read the
     probabilities as they are.
 
+    The three matmuls run in the dtype of `queries`: bfloat16 queries (a mixed-precision trunk)
+    make them bfloat16 matmuls, while the softmax, the loss and the kernel and bias gradients
+    stay float32.
+
     Args:
-      queries: float32 [events, dims]; targets: int32 [events] song ids.
+      queries: float32 or bfloat16 [events, dims]; targets: int32 [events] song ids.
       kernel: float32 [dims, songs]; bias: float32 [songs].
 
     Returns:
       float32 [events], the cross-entropy (nats) of each event.
     """
+    low = queries.dtype  # the matmuls' dtype
     augmented = tf.concat([queries, tf.ones_like(queries[:, :1])], 1)  # the bias rides along
-    logits = tf.matmul(augmented, tf.concat([kernel, bias[None]], 0))
+    weights = tf.cast(tf.concat([kernel, bias[None]], 0), low)
+    logits = tf.cast(tf.matmul(augmented, weights), tf.float32)
     probs = tf.nn.softmax(logits)
     target_logit = tf.gather(logits, targets, batch_dims=1)
     per_event = -tf.math.log(tf.gather(probs, targets, batch_dims=1))
@@ -135,15 +145,49 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
     def grad(d_event):
         # d logits = d_event * (p - onehot(target)): both matmuls read p, the one-hot terms
         # are a gather (d queries) and a scatter (d kernel, d bias) of one row per event.
-        scaled = augmented * d_event[:, None]
-        d_kernel_bias = tf.matmul(tf.transpose(scaled), probs) - tf.transpose(
-            tf.math.unsorted_segment_sum(scaled, targets, tf.shape(kernel)[1])
-        )
+        scaled = tf.cast(augmented, tf.float32) * d_event[:, None]
+        low_probs = tf.cast(probs, low)
+        d_kernel_bias = tf.cast(
+            tf.matmul(tf.transpose(tf.cast(scaled, low)), low_probs), tf.float32
+        ) - tf.transpose(tf.math.unsorted_segment_sum(scaled, targets, tf.shape(kernel)[1]))
         kernel_t = tf.transpose(kernel)
-        d_queries = d_event[:, None] * (tf.matmul(probs, kernel_t) - tf.gather(kernel_t, targets))
-        return d_queries, None, d_kernel_bias[:-1], d_kernel_bias[-1]
+        product = tf.cast(tf.matmul(low_probs, tf.cast(kernel_t, low)), tf.float32)
+        d_queries = d_event[:, None] * (product - tf.gather(kernel_t, targets))
+        return tf.cast(d_queries, low), None, d_kernel_bias[:-1], d_kernel_bias[-1]
 
     return per_event, grad
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The CPU flags of `BF16_CPU_FLAGS` that `cpuinfo` lists (empty if it is unreadable)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = {word for line in f if line.startswith("flags") for word in line.split()}
+    except OSError:
+        return []
+    return [flag for flag in BF16_CPU_FLAGS if flag in flags]
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Keras' dtype policy of the layers created inside: "mixed_bfloat16" for `precision`
+    "bfloat16" (with a warning where the CPU has no bf16 units), else the current one."""
+    policy = keras.config.dtype_policy()
+    if precision == "bfloat16":
+        keras.config.set_dtype_policy("mixed_bfloat16")
+        if not cpu_bf16_flags():
+            logging.warning(
+                "--precision=bfloat16: this CPU lists none of %s in /proc/cpuinfo, so bfloat16 "
+                "matmuls are emulated and will not be faster than float32",
+                ", ".join(BF16_CPU_FLAGS),
+            )
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(policy)
 
 
 def alias_table(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -145,7 +145,7 @@ class MusicModel(keras.Model):
             self.head = layers.Dense(embedding_size, use_bias=False, name="to_embedding")
             self.output_bias = self.add_weight(shape=(num_songs,), initializer="zeros", name="bias")
         else:
-            self.head = layers.Dense(num_songs, name="next_song_logits")
+            self.head = layers.Dense(num_songs, name="next_song_logits", dtype="float32")
         per_layer = 2 if cell == "lstm" else 1
         # One copy per replica (ON_READ), each holding the state of the whole global batch, so
         # checkpoints have the same layout under every strategy (see `call`, docs/scaling.md).
@@ -193,10 +193,11 @@ class MusicModel(keras.Model):
         return self.head.kernel, self.head.bias
 
     def scores(self, queries):
-        """Logits float32 [..., songs] of `features` queries [..., dims]."""
+        """Logits float32 [..., songs] of `features` queries [..., dims], in float32 whatever
+        the dtype policy (bfloat16 logits would tie many songs in the ranking)."""
         if self.tie_embeddings:
             kernel, bias = self.output_layer()
-            return ops.matmul(queries, kernel) + bias
+            return ops.matmul(ops.cast(queries, "float32"), kernel) + bias
         return self.head(queries)
 
     def forward(self, tokens, states: list, training: bool = False):
@@ -267,7 +268,7 @@ class MusicModel(keras.Model):
           (float32 [batch, time, 1 + num_sampled] with the target in column 0, int32 zeros
           [batch, time]: the target's column). Negatives change every step (seed = step).
         """
-        queries = self((tokens, reset), training=True, queries=True)
+        queries = ops.cast(self((tokens, reset), training=True, queries=True), "float32")
         step = ops.cast(self.optimizer.iterations, "int32")
         sampled = self.sampler.draw(self.num_sampled, ops.stack([step, 0]))
         kernel, bias = self.output_layer()
@@ -332,25 +333,27 @@ def build_model(
     config: config_lib.Config, num_songs: int, song_counts: np.ndarray | None = None
 ) -> MusicModel:
     """A built `MusicModel` of the `--task=next_song` flags, compiled with Adam (clipping by
-    global norm; XLA if `--jit_compile`, except under a `tf.distribute` strategy).
+    global norm; XLA if `--jit_compile`, except under a `tf.distribute` strategy); its layers
+    in Keras' "mixed_bfloat16" dtype policy with `--precision=bfloat16`.
 
     Args:
       num_songs: the catalog size.
       song_counts: int [num_songs], training targets per song: the sampling distribution of
         `--softmax=sampled` (default: uniform).
     """
-    model = MusicModel(
-        num_songs=num_songs,
-        embedding_size=config.embedding_size,
-        batch_size=config.batch_size,
-        tie_embeddings=config.tie_embeddings,
-        loss_weighting=config.loss_weighting,
-        softmax=config.softmax,
-        num_sampled=config.num_sampled,
-        song_counts=song_counts,
-        **stack_args(config),
-    )
-    model.build()
+    with kernels.precision_policy(config.precision):  # for the layers created here
+        model = MusicModel(
+            num_songs=num_songs,
+            embedding_size=config.embedding_size,
+            batch_size=config.batch_size,
+            tie_embeddings=config.tie_embeddings,
+            loss_weighting=config.loss_weighting,
+            softmax=config.softmax,
+            num_sampled=config.num_sampled,
+            song_counts=song_counts,
+            **stack_args(config),
+        )
+        model.build()
     # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
     jit_compile = config.jit_compile and not tf.distribute.has_strategy()
     compile_model(model, config.learning_rate, config.max_grad_norm, jit_compile=jit_compile)

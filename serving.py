@@ -148,7 +148,7 @@ def step_function(model: MusicModel, top_k: int) -> tf.types.experimental.Generi
         return {
             "song_ids": song_ids,
             "scores": scores,
-            "state": tf.stack([tf.stack(f) for f in finals]),
+            "state": tf.cast(tf.stack([tf.stack(f) for f in finals]), tf.float32),
         }
 
     @tf.function(

@@ -289,3 +289,58 @@ def test_cli_rejects_more_samples_than_songs_before_writing(small_slice, tmp_pat
     assert done.returncode == 2
     assert "--num_sampled=3168: must be in 1..3167" in done.stderr
     assert not model_dir.exists()
+
+
+def test_bfloat16_queries_make_bfloat16_matmuls_with_float32_loss_and_weight_gradients():
+    # The same loss and gradients as the float32 path (which equals TF's, above) to bfloat16
+    # rounding (8-bit mantissa: about 0.4 % per operand), with the dtypes of mixed precision.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    queries = tf.constant(rng.normal(size=(7, 4)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(4, 9)), tf.float32)
+    bias = tf.constant(rng.normal(size=9), tf.float32)
+    targets = tf.constant([0, 3, 3, 8, 1, 0, 5], tf.int32)
+    results = {}
+    for dtype in (tf.float32, tf.bfloat16):
+        low = tf.cast(queries, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch([low, kernel, bias])
+            per_event = kernels.softmax_cross_entropy(low, targets, kernel, bias)
+            loss = tf.reduce_mean(per_event)
+        results[dtype] = [per_event, *tape.gradient(loss, [low, kernel, bias])]
+    got, want = results[tf.bfloat16], results[tf.float32]
+    assert [t.dtype for t in got] == [tf.float32, tf.bfloat16, tf.float32, tf.float32]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(tf.cast(a, tf.float32).numpy(), b.numpy(), rtol=0.05, atol=0.02)
+
+
+def test_bfloat16_model_trains_in_mixed_precision_and_scores_in_float32(caplog, monkeypatch):
+    # Layers in mixed_bfloat16 (bfloat16 compute, float32 weights) but the output layer and the
+    # scores in float32; the global policy is left as it was; the loss stays finite and falls.
+    import keras
+    import tensorflow as tf
+
+    monkeypatch.setattr(kernels, "cpu_bf16_flags", lambda: [])
+    with caplog.at_level("WARNING", logger="absl"):
+        model = tiny_model(precision="bfloat16")
+    assert "will not be faster than float32" in caplog.text
+    assert keras.config.dtype_policy().name == "float32"
+    assert model.embedding.dtype_policy.name == "mixed_bfloat16"
+    assert model.rnns[0].dtype_policy.compute_dtype == "bfloat16"
+    assert model.head.dtype_policy.name == "float32"
+    assert all(v.dtype == "float32" for v in model.trainable_variables)
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
+    losses = model.fit(yes_reader.to_dataset(windows).repeat(20), verbose=0).history["loss"]
+    assert np.isfinite(losses[-1]) and losses[-1] < np.log(NUM_SONGS)
+    queries, _ = model.features(windows.inputs[0], model.zero_state(3))
+    assert queries.dtype == tf.bfloat16 and model.scores(queries).dtype == tf.float32
+    results = model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
+    assert np.isfinite(results["loss"]) and results["events"] == windows.events
+
+
+def test_cpu_bf16_flags_reads_the_flags_lines(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: X avx512_bf16\nflags\t\t: fpu avx2 amx_bf16 sse\n")
+    assert kernels.cpu_bf16_flags(str(cpuinfo)) == ["amx_bf16"]  # not from the model name
+    assert kernels.cpu_bf16_flags(str(tmp_path / "missing")) == []
