@@ -12,7 +12,9 @@ its own subprocess, so its peak RSS is its own (with --quick, all share one proc
 is cumulative); its speed is the lower quartile of the step times after warm-up (robust to other
 processes on a shared machine).
 GFLOP/s come from the analytic count of matrix-multiply work (forward + 2 x backward) and are
-compared with a matmul ceiling measured in the same run.
+compared with a matmul ceiling measured in the same run, in float32 and in bfloat16: deepcf also
+trains with `--precision=bfloat16` at 9,775 songs (3,168 with --quick), beside its float32 row.
+`--time_to_quality` runs `time_to_quality.py` instead (seconds of training to a quality bar).
 
 Evaluation: events/s of the full-catalog `model.evaluate` of `--mode=eval` over the test split
 of data/yes_big (data/yes_small with --quick), after a first warm-up pass. Serving: top-20 after
@@ -161,6 +163,7 @@ def train_setup(spec: dict) -> tuple:
             softmax=spec["softmax"],
             num_sampled=NUM_SAMPLED,
             song_counts=counts,
+            precision=spec.get("precision", "float32"),
         )
 
         def fit(callbacks):
@@ -179,21 +182,27 @@ def run_train(spec: dict) -> dict:
 
 
 def run_ceiling(spec: dict) -> dict:
-    """Best GFLOP/s of a float32 matmul, 2000 x 100 x 9775 and 512^3, over short repeats."""
+    """Best GFLOP/s of a float32 and of a bfloat16 matmul, 2000 x 100 x 9775 and 512^3, over
+    short repeats; and the CPU's bf16 flags."""
     import tensorflow as tf
 
-    best = 0.0
-    for m, k, n in ((BATCH * STEPS, HIDDEN, 9775), (512, 512, 512)):
-        a, b = tf.random.normal((m, k)), tf.random.normal((k, n))
-        matmul = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
-        matmul(a, b).numpy()
-        calls = max(1, int(2e9 * spec["scale"] / (2 * m * k * n)))
-        for _ in range(spec["repeats"]):
-            start = time.perf_counter()
-            for _ in range(calls):
-                matmul(a, b).numpy()
-            best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
-    return {"ceiling_gflops": best}
+    import kernels
+
+    out = {"cpu_bf16_flags": kernels.cpu_bf16_flags()}
+    for key, dtype in (("ceiling_gflops", tf.float32), ("bf16_ceiling_gflops", tf.bfloat16)):
+        best = 0.0
+        for m, k, n in ((BATCH * STEPS, HIDDEN, 9775), (512, 512, 512)):
+            a, b = (tf.cast(tf.random.normal(s), dtype) for s in ((m, k), (k, n)))
+            matmul = tf.function(lambda a, b: tf.reduce_sum(tf.cast(tf.matmul(a, b), tf.float32)))
+            matmul(a, b).numpy()
+            calls = max(1, int(2e9 * spec["scale"] / (2 * m * k * n)))
+            for _ in range(spec["repeats"]):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    matmul(a, b).numpy()
+                best = max(best, 2 * m * k * n * calls / (time.perf_counter() - start) / 1e9)
+        out[key] = best
+    return out
 
 
 def run_eval(spec: dict) -> dict:
@@ -304,6 +313,8 @@ def plan(quick: bool) -> tuple[list[dict], dict, dict, dict]:
         for impl in ("plain", "deepcf")
     ]
     train.append({**train[-1], "softmax": "sampled", "steps": steps})
+    middle = [t for t in train if t["impl"] == "deepcf" and t["softmax"] == "full"][:2][-1]
+    train.append({**middle, "precision": "bfloat16"})  # against float32 at 9,775 songs
     ceiling = {"worker": "ceiling", "scale": 0.2 if quick else 1.0, "repeats": 2 if quick else 5}
     data = "data/yes_small" if quick else "data/yes_big"
     evaluate = {
@@ -321,17 +332,28 @@ def plan(quick: bool) -> tuple[list[dict], dict, dict, dict]:
     return train, ceiling, evaluate, serving
 
 
+def ceiling_key(spec: dict) -> str:
+    """The result key of the matmul ceiling of a training spec's precision."""
+    bf16 = spec.get("precision") == "bfloat16"
+    return "bf16_ceiling_gflops" if bf16 else "ceiling_gflops"
+
+
 def print_table(result: dict) -> None:
     """The training rows, then the single figures."""
-    print(f"matmul ceiling: {result['ceiling_gflops']:.1f} GFLOP/s")
     print(
-        f"{'catalog':>8} {'impl':>7} {'softmax':>8} {'trans/s':>9} {'GFLOP/s':>8} "
+        f"matmul ceiling: float32 {result['ceiling_gflops']:.1f} GFLOP/s, bfloat16 "
+        f"{result['bf16_ceiling_gflops']:.1f} GFLOP/s (CPU bf16 flags: "
+        f"{', '.join(result['cpu_bf16_flags']) or 'none'})"
+    )
+    print(
+        f"{'catalog':>8} {'impl':>7} {'softmax':>8} {'dtype':>8} {'trans/s':>9} {'GFLOP/s':>8} "
         f"{'ceiling':>8} {'RSS MB':>7} {'vs plain':>8}"
     )
     plain = {r["catalog"]: r["transitions_per_s"] for r in result["train"] if r["impl"] == "plain"}
     for r in result["train"]:
         print(
-            f"{r['catalog']:>8} {r['impl']:>7} {r['softmax']:>8} {r['transitions_per_s']:>9.0f} "
+            f"{r['catalog']:>8} {r['impl']:>7} {r['softmax']:>8} {r['precision']:>8} "
+            f"{r['transitions_per_s']:>9.0f} "
             f"{r['gflops']:>8.1f} {r['ceiling_fraction']:>8.0%} {r['peak_rss_mb']:>7.0f} "
             f"{r['transitions_per_s'] / plain[r['catalog']]:>7.2f}x"
         )
@@ -344,7 +366,14 @@ def print_table(result: dict) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smallest catalog, few steps (CI)")
-    parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
+    parser.add_argument(
+        "--out", help="where to write the JSON (bench.json; docs/time_to_quality.json)"
+    )
+    parser.add_argument(
+        "--time_to_quality",
+        action="store_true",
+        help="seconds of training to a test-quality bar, deepcf vs plain Keras (see its module)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -354,16 +383,25 @@ def main() -> int:
             outs[-1]["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(outs))
         return 0
+    if args.time_to_quality:
+        import time_to_quality
+
+        out = args.out or os.path.join(ROOT, "docs", "time_to_quality.json")
+        time_to_quality.run(ROOT, out, args.quick)
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or "bench.json"
     train, ceiling, evaluate, serving = plan(args.quick)
     specs = [ceiling, *train, evaluate, serving]
     if args.quick:  # one process: faster start, but peak RSS is cumulative
         outs = in_subprocess(specs)
     else:  # one process per configuration: its own peak RSS
         outs = [out for spec in specs for out in in_subprocess([spec])]
-    result = {"ceiling_gflops": outs[0]["ceiling_gflops"], "train": []}
+    result = {k: v for k, v in outs[0].items() if k != "peak_rss_mb"}
+    result["train"] = []
     for spec, out in zip(train, outs[1:], strict=False):
         print(
-            f"  {spec['catalog']} {spec['impl']} {spec['softmax']}: "
+            f"  {spec['catalog']} {spec['impl']} {spec['softmax']} {spec.get('precision', '')}: "
             f"{out['transitions_per_s']:.0f} transitions/s",
             file=sys.stderr,
         )
@@ -372,9 +410,10 @@ def main() -> int:
                 "catalog": spec["catalog"],
                 "impl": spec["impl"],
                 "softmax": spec["softmax"],
+                "precision": spec.get("precision", "float32"),
                 "transitions_per_s": out["transitions_per_s"],
                 "gflops": out["gflops"],
-                "ceiling_fraction": out["gflops"] / result["ceiling_gflops"],
+                "ceiling_fraction": out["gflops"] / result[ceiling_key(spec)],
                 "peak_rss_mb": out["peak_rss_mb"],
             }
         )

@@ -21,6 +21,9 @@ BENCH = ROOT / "benchmarks" / "bench.py"
 _spec = importlib.util.spec_from_file_location("bench", BENCH)
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+_spec = importlib.util.spec_from_file_location("ttq", ROOT / "benchmarks" / "time_to_quality.py")
+ttq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ttq)
 
 
 class BatchLosses(keras.callbacks.Callback):
@@ -91,23 +94,87 @@ def test_quick_benchmark_writes_its_json(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
     assert list(result) == [
+        "cpu_bf16_flags",
         "ceiling_gflops",
+        "bf16_ceiling_gflops",
         "train",
         "eval_events_per_s",
         "latency_ms",
         "incremental_latency_ms",
         "batched_histories_per_s",
     ]
-    rows = {(r["catalog"], r["impl"], r["softmax"]) for r in result["train"]}
-    assert rows == {(3168, "plain", "full"), (3168, "deepcf", "full"), (3168, "deepcf", "sampled")}
+    rows = {(r["catalog"], r["impl"], r["softmax"], r["precision"]) for r in result["train"]}
+    assert rows == {
+        (3168, "plain", "full", "float32"),
+        (3168, "deepcf", "full", "float32"),
+        (3168, "deepcf", "sampled", "float32"),
+        (3168, "deepcf", "full", "bfloat16"),
+    }
     for row in result["train"]:
         assert set(row) == {
-            "catalog", "impl", "softmax", "transitions_per_s", "gflops", "ceiling_fraction",
-            "peak_rss_mb",
+            "catalog", "impl", "softmax", "precision", "transitions_per_s", "gflops",
+            "ceiling_fraction", "peak_rss_mb",
         }  # fmt: skip
         assert row["transitions_per_s"] > 0 and row["peak_rss_mb"] > 0
-        assert abs(row["ceiling_fraction"] - row["gflops"] / result["ceiling_gflops"]) < 1e-9
+        ceiling = result[bench.ceiling_key(row)]
+        assert abs(row["ceiling_fraction"] - row["gflops"] / ceiling) < 1e-9
     for key in ("latency_ms", "incremental_latency_ms"):
         assert 0 < result[key]["p50"] <= result[key]["p95"]
     assert result["eval_events_per_s"] > 0 and result["batched_histories_per_s"] > 0
     assert "vs plain" in done.stdout
+
+
+@pytest.mark.smoke
+def test_seconds_to_bar_is_the_first_epoch_with_both_test_metrics_at_the_bar():
+    # Epoch 1 has the recall but not the MRR, epoch 2 both (first), epoch 3 both again.
+    rows = [
+        {"seconds": 10.0, "test_recall@20": 0.22, "test_mrr@20": 0.049},
+        {"seconds": 20.0, "test_recall@20": 0.21, "test_mrr@20": 0.050},
+        {"seconds": 30.0, "test_recall@20": 0.25, "test_mrr@20": 0.060},
+    ]
+    assert ttq.seconds_to_bar(rows) == 20.0
+    assert ttq.seconds_to_bar(rows[:1]) is None
+
+
+@pytest.mark.smoke
+def test_quality_record_does_not_count_the_test_evaluation():
+    # Fake clock: training starts at 100; epoch 1 ends at 110 and its test evaluation takes 5 s
+    # (to 115); epoch 2 ends at 125, i.e. 10 + 10 training seconds and not 25.
+    ticks = iter([100.0, 110.0, 115.0, 125.0, 127.0])
+    tests = iter([{"recall@20": 0.1, "mrr@20": 0.01}, {"recall@20": 0.2, "mrr@20": 0.03}])
+    record = ttq.QualityRecord(lambda: next(tests), clock=lambda: next(ticks))
+    record.on_train_begin()
+    for epoch, val in enumerate((0.11, 0.19)):
+        record.on_epoch_end(epoch, {"val_recall@20": val, "val_mrr@20": val / 10})
+    assert [r["seconds"] for r in record.rows] == [10.0, 20.0]
+    assert record.rows[1] == {
+        "epoch": 2, "seconds": 20.0, "val_recall@20": 0.19, "val_mrr@20": 0.019,
+        "test_recall@20": 0.2, "test_mrr@20": 0.03,
+    }  # fmt: skip
+
+
+@pytest.mark.smoke
+def test_best_rnn_flags_read_into_a_config():
+    import config as config_lib
+
+    given = ttq.read_flags(str(ROOT / "configs" / "best_rnn.flags"))
+    config = config_lib.Config(**given)
+    assert (config.cell, config.num_layers, config.hidden_size) == ("gru", 1, 200)
+    assert config.tie_embeddings is True and config.learning_rate == 0.002
+    assert config.early_stopping_patience == 3 and config.loss_weighting == "event"
+
+
+@pytest.mark.benchmark
+def test_quick_time_to_quality_writes_its_json_and_plot(tmp_path):
+    out = tmp_path / "ttq.json"
+    done = run_python(str(BENCH), "--time_to_quality", "--quick", f"--out={out}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["runs"]) == {"deepcf", "plain"}
+    for run in result["runs"].values():
+        assert [r["epoch"] for r in run["epochs"]] == [1, 2]
+        seconds = [r["seconds"] for r in run["epochs"]]
+        assert 0 < seconds[0] < seconds[1]
+        assert all(0 <= r["test_recall@20"] <= 1 for r in run["epochs"])
+    assert (tmp_path / "ttq.png").read_bytes()[:4] == b"\x89PNG"
+    assert "seconds to the bar" in done.stdout
