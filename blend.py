@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 from keras import ops
 
+import coldstart
 import config as config_lib
 import metrics
 import serving
@@ -132,14 +133,20 @@ def choose_blend(
     return {"weights": grid[best], "validation": reports[best]}
 
 
-def compare(config: config_lib.Config, model, windows: yes_reader.Windows) -> dict:
+def compare(
+    config: config_lib.Config, model, windows: yes_reader.Windows, cold: np.ndarray
+) -> dict:
     """The `--baselines` and `--blend` entries of `metrics.json`, on the model's test `windows`.
+
+    Baselines are fitted on the training playlists without the `cold` songs (bool [songs]).
 
     Returns:
       {"baselines": {name: report}} and, with --blend, "blend": report + "weights" (+ the
-      "validation" report of the chosen weights when they were tuned).
+      "validation" report of the chosen weights when they were tuned); if any song is cold,
+      "cold": the same entries over the events whose target is cold.
     """
     data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
+    data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
     blend = config.blend_weights
     fitted = fit(sorted(set(config.baseline_names) | (set(blend) - {"rnn"})), data)
     events = Events.from_windows(windows)
@@ -159,6 +166,14 @@ def compare(config: config_lib.Config, model, windows: yes_reader.Windows) -> di
         out["blend"] = {"weights": blend, **report}
         if tuned:
             out["blend"]["validation"] = tuned["validation"]
+    if cold.any():
+        cold_windows = coldstart.cold_target_windows(windows, cold)
+        cold_events = Events.from_windows(cold_windows)
+        names = config.baseline_names
+        out["cold"] = {"baselines": {n: evaluate(fitted[n], cold_events) for n in names}}
+        if blend:
+            (report,) = evaluate_blends([blend], fitted, model, cold_windows)
+            out["cold"]["blend"] = {"weights": blend, **report}
     return out
 
 
@@ -201,10 +216,9 @@ def recommend_blend(
     """
 
     weights = chosen_weights(config)
-    fitted = fit(
-        sorted(set(weights) - {"rnn"}),
-        yes_reader.load(config.data_dir, config.valid_fraction, config.seed),
-    )
+    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
+    data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
+    fitted = fit(sorted(set(weights) - {"rnn"}), data)
     num_songs, total = model.num_songs, sum(weights.values())
     probs = np.zeros((len(histories), num_songs))
     for name, weight in weights.items():

@@ -1,10 +1,8 @@
 """The one frozen run configuration, its per-task defaults and validation (no TensorFlow here).
 
 Each field is also a command-line flag of the same name (`deepcf.py` builds the flags from the
-field metadata), so `--hidden_size` = `Config.hidden_size` = `MusicModel(hidden_size=...)`.
-Beside each field stand its group in `--help`, its bound or choices, and the tasks that read it:
-a flag given for a task that does not read it is refused (`make_config`).
-"""
+field metadata: `--hidden_size` = `Config.hidden_size` = `MusicModel(hidden_size=...)`), with its
+`--help` group, bound or choices and the tasks that read it (`make_config` refuses the others)."""
 
 from __future__ import annotations
 
@@ -12,6 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flagspec
 from errors import ConfigError
 from flagspec import FRACTION, NEXT_SONG, NON_NEGATIVE, POSITIVE, TASK_NAMES, Bound
 from flagspec import audio as _audio
@@ -115,6 +114,8 @@ class Config:
         "Score songs with their input embeddings (weight tying, Press & Wolf 2017).",
         tasks=NEXT_SONG,
     )
+    side_features: str = flagspec.side_features()
+    cold_fraction: float = flagspec.cold_fraction()
     batch_size: int = _field(
         100, "training", "Playlists per batch (UCL report: 100).", bound=POSITIVE
     )
@@ -145,13 +146,11 @@ class Config:
         tasks=NEXT_SONG,
         bound=POSITIVE,
     )
-    jit_compile: bool = _field(
+    jit_compile: bool = _training(
         False,
-        "training",
         "XLA-compile the next-song training step (same loss). XLA needs static shapes, so it "
         "scores every position, padding too; without it only real events get logits, which is "
         "faster on real playlists (about half of a training window is padding).",
-        tasks=NEXT_SONG,
     )
     precision: str = _training(
         "float32",

@@ -72,3 +72,20 @@ def serving(default: Any, help: str, **limits: Any) -> Any:
 def training(default: Any, help: str, **limits: Any) -> Any:
     """A field of the training group, read by --task=next_song only."""
     return field(default, "training", help, tasks=NEXT_SONG, **limits)
+
+
+SIDE_FEATURES = ("none", "artist", "artist_tags")  # see coldstart.py
+
+
+def side_features() -> Any:
+    """`--side_features` (a model flag of --task=next_song; declared here, config.py is full)."""
+    text = "Song side features added to each song's tied rows: none, artist, artist_tags. "
+    text += "Needs --tie_embeddings and --softmax=full (coldstart.py, songrows.py)."
+    return field("none", "model", text, choices=SIDE_FEATURES, tasks=NEXT_SONG)
+
+
+def cold_fraction() -> Any:
+    """`--cold_fraction` (a data flag of --task=next_song; declared here, config.py is full)."""
+    text = "Cold-start protocol: share of the songs (seeded) removed from every training and "
+    text += "validation playlist; eval also scores the test events with such a target."
+    return field(0.0, "data", text, tasks=NEXT_SONG, bound=FRACTION)

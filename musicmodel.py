@@ -17,6 +17,7 @@ from keras import layers, ops
 import config as config_lib
 import kernels
 import metrics
+import songrows
 from errors import ConfigError
 
 
@@ -105,10 +106,15 @@ class MusicModel(keras.Model):
     `softmax="sampled"` trains on the target against `num_sampled` negatives per window, drawn in
     the graph with probability Q ∝ `song_counts` + 1 and corrected by -log Q; evaluation and
     serving always score the full catalog, so neither setting is saved with the model.
+    `side_features` ("artist", "artist_tags"; needs tied embeddings and the full softmax) builds
+    each song's vector and bias from its own row (initially 0) plus its artist's and tags' rows
+    (`songrows.SideRows`, from `song_artists`, `song_tags`); songs with no training events
+    (`song_counts` 0) are left out of the training softmax and score through those rows alone.
     """
 
     SAVED = ("num_songs", "cell", "num_layers", "embedding_size", "hidden_size", "dropout")
     SAVED += ("batch_size", "tie_embeddings", "loss_weighting")
+    SAVED += ("side_features", "num_artists", "num_tags")
 
     def __init__(
         self,
@@ -125,6 +131,11 @@ class MusicModel(keras.Model):
         softmax: str = "full",
         num_sampled: int = 1024,
         song_counts: np.ndarray | None = None,
+        side_features: str = "none",
+        num_artists: int = 0,
+        num_tags: int = 0,
+        song_artists: np.ndarray | None = None,
+        song_tags: np.ndarray | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -138,7 +149,12 @@ class MusicModel(keras.Model):
             self.sampler = kernels.SongSampler(num_songs if song_counts is None else song_counts)
         elif softmax != "full":
             raise ConfigError(f"--softmax={softmax!r}: must be full or sampled")
-        self.embedding = layers.Embedding(num_songs + 1, embedding_size, name="song_embedding")
+        self.side_features, self.num_artists, self.num_tags = side_features, num_artists, num_tags
+        side = side_features != "none"
+        check_side_features(side_features, softmax, tie_embeddings)
+        self.embedding = layers.Embedding(
+            num_songs + 1, embedding_size, "zeros" if side else "uniform", name="song_embedding"
+        )
         self.drop = layers.Dropout(dropout)
         self.rnns = recurrent_stack(cell, num_layers, hidden_size, dropout)
         if tie_embeddings:  # logits = h W (W: hidden -> embedding) E[1:]^T + b
@@ -146,6 +162,13 @@ class MusicModel(keras.Model):
             self.output_bias = self.add_weight(shape=(num_songs,), initializer="zeros", name="bias")
         else:
             self.head = layers.Dense(num_songs, name="next_song_logits", dtype="float32")
+        self.side = None
+        if side:
+            self.embedding.build()  # its rows are read directly, never through a call
+            self.side = songrows.SideRows(
+                num_songs, num_artists, num_tags, embedding_size, song_artists, song_tags,
+                song_counts, name="side_rows",
+            )  # fmt: skip
         per_layer = 2 if cell == "lstm" else 1
         # One copy per replica (ON_READ), each holding the state of the whole global batch, so
         # checkpoints have the same layout under every strategy (see `call`, docs/scaling.md).
@@ -167,6 +190,13 @@ class MusicModel(keras.Model):
         self.ranking = metrics.RankingMetrics()
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
+    def song_table(self, training: bool = False) -> tuple:
+        """(vectors float32 [num_songs, dims], bias float32 [songs]) of the tied song rows."""
+        vectors, bias = self.embedding.embeddings[1:], self.output_bias
+        if self.side is None:
+            return vectors, bias
+        return self.side.combine(vectors, bias, training)
+
     def get_config(self) -> dict:
         return saved_config(self, super().get_config())
 
@@ -181,15 +211,21 @@ class MusicModel(keras.Model):
 
     def features(self, tokens, states: list, training: bool = False):
         """(queries [batch, time, dims], final states); logits = queries @ kernel + bias."""
-        x = self.drop(self.embedding(tokens), training=training)
+        if self.side is None:
+            x = self.embedding(tokens)
+        else:  # row 0 of the input table is padding
+            vectors = self.song_table(training)[0]
+            x = ops.take(ops.pad(vectors, [[1, 0], [0, 0]]), tokens, axis=0)
+        x = self.drop(x, training=training)
         x, finals = run_stack(self.rnns, x, states, training=training)
         x = self.drop(x, training=training)
         return (self.head(x) if self.tie_embeddings else x), finals
 
-    def output_layer(self) -> tuple:
+    def output_layer(self, training: bool = False) -> tuple:
         """(kernel float32 [dims, songs], bias float32 [songs]) that score the queries."""
         if self.tie_embeddings:  # row s + 1 embeds song s; row 0 is padding
-            return ops.transpose(self.embedding.embeddings[1:]), self.output_bias
+            vectors, bias = self.song_table(training)
+            return ops.transpose(vectors), bias
         return self.head.kernel, self.head.bias
 
     def scores(self, queries):
@@ -253,7 +289,9 @@ class MusicModel(keras.Model):
                     )
                 else:  # only the real events get logits: padding is ~half of a training window
                     queries, targets, weights = real_events(queries, targets, weights)
-                kernel, bias = map(tf.convert_to_tensor, self.output_layer())  # reads
+                kernel, bias = map(tf.convert_to_tensor, self.output_layer(training=True))
+                if self.side is not None:
+                    bias = bias + songrows.UNSEEN_LOGIT * self.side.unseen
                 per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
                 loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
@@ -319,6 +357,14 @@ def check_num_sampled(num_sampled: int, num_songs: int) -> None:
         )
 
 
+def check_side_features(side_features: str, softmax: str, tie_embeddings: bool) -> None:
+    """Raises `ConfigError` naming --side_features unless "none" or with tied rows, full softmax."""
+    if side_features != "none" and (softmax != "full" or not tie_embeddings):
+        raise ConfigError(
+            f"--side_features={side_features}: needs --tie_embeddings and --softmax=full"
+        )
+
+
 def stack_args(config: config_lib.Config) -> dict:
     """The settings of the shared recurrent stack (`recurrent_stack`), as both models take them."""
     return dict(
@@ -330,7 +376,10 @@ def stack_args(config: config_lib.Config) -> dict:
 
 
 def build_model(
-    config: config_lib.Config, num_songs: int, song_counts: np.ndarray | None = None
+    config: config_lib.Config,
+    num_songs: int,
+    song_counts: np.ndarray | None = None,
+    side: dict | None = None,
 ) -> MusicModel:
     """A built `MusicModel` of the `--task=next_song` flags, compiled with Adam (clipping by
     global norm; XLA if `--jit_compile`, except under a `tf.distribute` strategy); its layers
@@ -340,6 +389,8 @@ def build_model(
       num_songs: the catalog size.
       song_counts: int [num_songs], training targets per song: the sampling distribution of
         `--softmax=sampled` (default: uniform).
+      side: with --side_features, the `MusicModel` arguments `num_artists`, `num_tags`,
+        `song_artists`, `song_tags` (`coldstart.SideFeatures.model_args`).
     """
     with kernels.precision_policy(config.precision):  # for the layers created here
         model = MusicModel(
@@ -351,6 +402,8 @@ def build_model(
             softmax=config.softmax,
             num_sampled=config.num_sampled,
             song_counts=song_counts,
+            side_features=config.side_features,
+            **(side or {}),
             **stack_args(config),
         )
         model.build()
@@ -378,67 +431,3 @@ def compile_model(
         jit_compile=jit_compile,
     )
     model.optimizer.build(model.trainable_variables)
-
-
-def copy_matching_rows(new: np.ndarray, old: np.ndarray, rows: np.ndarray, axis: int) -> None:
-    """Sets `new`'s song slices along `axis` to `old`'s: slice s of `new` takes slice `rows[s]`
-    of `old`; `rows[s] < 0` (a song `old` did not have) keeps its own."""
-    shared = np.flatnonzero(rows >= 0)
-    index = [slice(None)] * new.ndim
-    index[axis] = shared
-    source = [slice(None)] * old.ndim
-    source[axis] = rows[shared]
-    new[tuple(index)] = old[tuple(source)]
-
-
-def init_from(
-    model: MusicModel, old: MusicModel, old_keys: list[str], keys: list[str], where: str
-) -> int:
-    """Starts `model` from `old`'s weights, matching catalog rows by song key.
-
-    A song of `keys` that is in `old_keys` (the first such, if `old_keys` repeats one) gets its
-    embedding row and output column and bias. A new song keeps `model`'s fresh embedding row; its
-    output column is zero and its bias the lowest of `old` (it scores as the rarest known song
-    until trained), so new songs take little probability from the known ones and the model
-    starts where `old` ended. Every other trainable weight (recurrent layers, the tied model's
-    projection) is copied as it is. The carried state and the optimizer start fresh.
-
-    Returns:
-      How many songs of `keys` kept their weights.
-
-    Raises:
-      ConfigError naming `where` (the flag) if a model setting differs or a shape does not fit.
-    """
-    for name in ("cell", "num_layers", "embedding_size", "hidden_size", "tie_embeddings"):
-        if getattr(model, name) != getattr(old, name):
-            raise ConfigError(
-                f"{where}: that model has {name}={getattr(old, name)}, this run "
-                f"{getattr(model, name)}; give the same settings"
-            )
-    index: dict[str, int] = {}
-    for i, key in enumerate(old_keys):
-        index.setdefault(key, i)
-    rows = np.array([index.get(key, -1) for key in keys])
-    song_axes = {id(model.embedding.embeddings): (0, 1)}  # (axis, offset): row 0 is padding
-    if model.tie_embeddings:
-        song_axes[id(model.output_bias)] = (0, 0)
-    else:
-        song_axes.update({id(model.head.kernel): (1, 0), id(model.head.bias): (0, 0)})
-    for new_var, old_var in zip(model.trainable_weights, old.trainable_weights, strict=True):
-        value, source = np.array(new_var.numpy()), old_var.numpy()
-        if id(new_var) in song_axes:
-            axis, offset = song_axes[id(new_var)]
-            padding = np.arange(offset)  # the padding row maps to itself
-            copy_matching_rows(value, source, np.r_[padding, rows + (rows >= 0) * offset], axis)
-            if id(new_var) != id(model.embedding.embeddings):  # output column and bias
-                new_songs = [slice(None)] * value.ndim
-                new_songs[axis] = np.flatnonzero(rows < 0)
-                value[tuple(new_songs)] = source.min() if value.ndim == 1 else 0.0
-        elif value.shape == source.shape:
-            value = source
-        else:
-            raise ConfigError(
-                f"{where}: weight {old_var.path} has shape {source.shape} there, {value.shape} here"
-            )
-        new_var.assign(value)
-    return int((rows >= 0).sum())

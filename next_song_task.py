@@ -11,6 +11,7 @@ from absl import logging
 
 import blend
 import cluster
+import coldstart
 import config as config_lib
 import hooks
 import importer
@@ -20,6 +21,7 @@ import musicmodel
 import names
 import rundir
 import serving
+import warmstart
 import yes_reader
 from errors import ConfigError
 
@@ -105,17 +107,20 @@ class NextSongTask:
         cluster.check_batch_size(strategy, config.batch_size)
         keras.utils.set_random_seed(config.seed)
         data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
+        data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed
         )
         if config.softmax == "sampled":  # before anything is written
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
+        musicmodel.check_side_features(config.side_features, config.softmax, config.tie_embeddings)
+        side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
         keys = importer.catalog_keys(config.data_dir, data.catalog.titles, data.catalog.artists)
         source = load_init_source(config)
         write_dir = cluster.write_dir(strategy, config.model_dir)  # model_dir on the chief
         rundir.make_model_dir(write_dir)
         with rundir.lock_model_dir(write_dir):
-            self._train(config, strategy, data, windows, write_dir, keys, source)
+            self._train(config, strategy, data, windows, write_dir, keys, source, side)
 
     def _train(
         self,
@@ -126,9 +131,11 @@ class NextSongTask:
         write_dir: str,
         keys: list[str],
         source: tuple[musicmodel.MusicModel, list[str]] | None,
+        side: coldstart.SideFeatures | None,
     ) -> None:
-        """Builds the model (from --init_from's `source` if given and nothing is to resume) and
-        hooks and trains in `write_dir` (locked); the catalog's song `keys` go to model_dir."""
+        """Builds the model (from --init_from's `source` if given and nothing is to resume; with
+        the songs' `side` features) and hooks and trains in `write_dir` (locked); the catalog's
+        song `keys` go to model_dir."""
 
         def write_run_config() -> None:  # once the checkpoint to resume is known to fit
             if cluster.is_chief(strategy):
@@ -141,7 +148,7 @@ class NextSongTask:
         songs = data.catalog.size
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
         with strategy.scope():
-            model = musicmodel.build_model(config, songs, counts)
+            model = musicmodel.build_model(config, songs, counts, side and side.model_args())
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)
@@ -168,7 +175,7 @@ class NextSongTask:
                 "--init_from=%s ignored: resuming this run's checkpoint", config.init_from
             )
         elif source:
-            kept = musicmodel.init_from(model, *source, keys, f"--init_from={config.init_from}")
+            kept = warmstart.init_from(model, *source, keys, f"--init_from={config.init_from}")
             logging.info(
                 "initialised from %s: %d of %d songs kept their weights, %d are new",
                 config.init_from,
@@ -199,12 +206,20 @@ class NextSongTask:
         if config.exclude_history:  # the ranks as recommend serves; the model's own likelihood
             served = blend.evaluate_blends([{"rnn": 1.0}], {}, model, windows, True)[0]
             results.update({kind: served[kind] for kind in metrics.KINDS})
+        cold = coldstart.cold_songs(catalog.size, config.cold_fraction, config.seed)
+        if cold.any():
+            cold_windows = coldstart.cold_target_windows(windows, cold)
+            results["cold"] = metrics.report(evaluate_windows(model, cold_windows))
         if config.baselines or config.blend:
-            results.update(blend.compare(config, model, windows))
-        rows = {**results.get("baselines", {}), "model": results}
-        if "blend" in results:
-            rows["blend"] = results["blend"]
-        print_table(rows)
+            compared = blend.compare(config, model, windows, cold)
+            results["cold"] = {**results.get("cold", {}), **compared.pop("cold", {})}
+            results.update(compared)
+        for report in (results, results.get("cold")):
+            if report:
+                rows = {**report.get("baselines", {}), "model": report}
+                print_table(rows | ({"blend": report["blend"]} if "blend" in report else {}))
+        if cold.any():
+            print(f"(second table: the {results['cold']['events']} events with a cold target)")
         rundir.write_json_atomic(os.path.join(config.model_dir, "metrics.json"), results)
         logging.info("wrote %s", os.path.join(config.model_dir, "metrics.json"))
         return results

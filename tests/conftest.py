@@ -123,13 +123,19 @@ SMALL_MODEL = dict(
 )
 
 
-def train_small(data_dir: pathlib.Path, model_dir: pathlib.Path, num_epochs: int):
-    """Trains a tiny next-song model on `data_dir`; returns its Config."""
+def train_small(data_dir: pathlib.Path, model_dir: pathlib.Path, num_epochs: int, **settings):
+    """Trains a tiny next-song model on `data_dir` (`settings`: more flags); returns its Config."""
     import config as config_lib
     import tasks
 
     cfg = config_lib.make_config(
-        dict(data_dir=str(data_dir), model_dir=str(model_dir), num_epochs=num_epochs, **SMALL_MODEL)
+        dict(
+            data_dir=str(data_dir),
+            model_dir=str(model_dir),
+            num_epochs=num_epochs,
+            **SMALL_MODEL,
+            **settings,
+        )
     )
     tasks.TASKS["next_song"].train(cfg)
     return cfg

@@ -20,6 +20,7 @@ import musicmodel
 import names
 import next_song_task
 import tasks
+import warmstart
 import yes_reader
 from conftest import train_small, write_playlist_file
 from errors import ConfigError
@@ -33,7 +34,7 @@ def test_rows_follow_the_song_keys_on_a_hand_made_catalog():
     before = [v.numpy().copy() for v in new.trainable_weights]
     old_keys = ["a - x", "b - x", "c - y"]
     new_keys = ["d - z", "c - y", "e - z", "b - x"]  # "b - x": id 1 before, id 3 now
-    kept = musicmodel.init_from(new, old, old_keys, new_keys, "--init_from=old")
+    kept = warmstart.init_from(new, old, old_keys, new_keys, "--init_from=old")
     assert kept == 2
     emb, old_emb = new.embedding.embeddings.numpy(), old.embedding.embeddings.numpy()
     # Row s + 1 embeds song s; row 0 (padding) is copied too.
@@ -54,7 +55,7 @@ def test_other_settings_or_shapes_are_refused():
     old = musicmodel.build_model(small, 3)
     new = musicmodel.build_model(dataclasses.replace(small, hidden_size=5), 3)
     with pytest.raises(ConfigError, match=r"--init_from=o: that model has hidden_size=3"):
-        musicmodel.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
+        warmstart.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_continued_model_starts_at_the_old_validation_loss(grown):
     new_cfg = dataclasses.replace(old_cfg, data_dir=str(new_dir))
     continued = musicmodel.build_model(new_cfg, len(new_keys))
     scratch_loss = loss(continued, moved)
-    musicmodel.init_from(continued, old, old_keys, new_keys, "--init_from")
+    warmstart.init_from(continued, old, old_keys, new_keys, "--init_from")
     old_loss, continued_loss = loss(old, valid), loss(continued, moved)
     print(
         f"validation loss: old {old_loss:.4f}, continued {continued_loss:.4f}, "
