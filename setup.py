@@ -35,6 +35,10 @@ setup(
         "server",
         "importer",
         "flagspec",
+        "neighbours",
+        "coldstart",
+        "songrows",
+        "warmstart",
     ],
     install_requires=[
         "tensorflow>=2.16",

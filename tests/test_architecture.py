@@ -52,3 +52,11 @@ def test_each_module_imports_only_what_its_paragraph_allows():
 def test_no_module_is_over_the_line_limit():
     sizes = {m: len((ROOT / f"{m}.py").read_text().splitlines()) for m in modules()}
     assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def test_setup_installs_every_module():
+    """`pip install` (and the `deepcf` command) sees only the modules setup.py lists."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and n.keywords)
+    listed = next(k.value for k in call.keywords if k.arg == "py_modules")
+    assert sorted(ast.literal_eval(listed)) == modules()
