@@ -110,6 +110,7 @@ def test_two_workers_on_loopback_match_one_worker(small_slice, tmp_path):
         "checkpoints",
         "config.json",
         "model.keras",
+        "song_keys.txt",
         "tensorboard",
     ]  # worker 1 wrote to .workertemp_worker_1, then deleted it
     assert any(name.endswith(".index") for name in os.listdir(tmp_path / "multi" / "checkpoints"))
