@@ -55,6 +55,9 @@ setup(
         "uvicorn",  # --mode=serve: the ASGI server that runs them
     ],
     # selenium: the page's browser test drives Debian's chromium + chromium-driver (.ci/run).
-    extras_require={"test": ["pytest", "hypothesis", "ruff", "selenium"]},
+    extras_require={
+        # pytest-xdist: the suite runs its test files on every core (pyproject.toml's addopts)
+        "test": ["pytest", "pytest-xdist", "hypothesis", "ruff", "selenium"]
+    },
     entry_points={"console_scripts": ["deepcf=deepcf:run"]},
 )
