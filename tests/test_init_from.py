@@ -138,7 +138,7 @@ def test_train_with_init_from_saves_the_keys_and_resume_wins(grown, tmp_path, ca
         init_from=old_cfg.model_dir,
         num_epochs=1,
     )
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="absl")  # absl logs INFO only when told so
     tasks.TASKS["next_song"].train(cfg)
     new_keys = keys_of(new_dir)
     kept = len(new_keys) - 60  # the 60 new songs
