@@ -12,8 +12,9 @@ from typing import Any
 
 import flagspec
 from errors import ConfigError
-from flagspec import FRACTION, NEXT_SONG, NON_NEGATIVE, POSITIVE, TASK_NAMES, Bound
+from flagspec import FRACTION, NEXT_SONG, NON_NEGATIVE, POSITIVE, SPLITS, TASK_NAMES, Bound
 from flagspec import audio as _audio
+from flagspec import column as _column
 from flagspec import evaluation as _evaluation
 from flagspec import field as _field
 from flagspec import import_field as _import
@@ -28,15 +29,6 @@ STANDARDIZE = ("train", "global")
 HOLDOUTS = ("test", "validation")
 AUDIO_HEADS = ("both", "ranking", "regression")
 RANKING_QUERIES = ("none", "gru")
-SPLITS = ("auto", "random", "time")  # --mode=import, see importer.py
-COLUMNS = {  # --mode=import: column names found without a --<role>_column flag, first wins
-    "playlist": ("playlist_id", "playlist", "session_id", "session", "pid"),
-    "order": ("position", "pos", "timestamp", "ts", "endTime", "end_time", "time", "played_at"),
-    "song": ("track_uri", "spotify_track_uri", "track_id", "song_id", "uri"),
-    "title": ("trackName", "master_metadata_track_name", "title", "track_name", "track", "song"),
-    "artist": ("artistName", "master_metadata_album_artist_name", "artist", "artist_name"),
-    "ms_played": ("msPlayed", "ms_played"),
-}
 _HARRY = "data/harry2687-spotify-2023"
 # Per-task defaults; flags the user gives still override them (`make_config`). audio_features:
 # the GRU report's chapter 3 settings (2 GRU layers of 512 units, Adam 0.01, batch 1, 5 epochs
@@ -58,12 +50,6 @@ MODE_DEFAULTS: dict[str, dict[str, Any]] = {"eval": {"exclude_history": False}}
 LOSS_WEIGHTINGS = ("window", "event")
 BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan")  # baselines.py
 BLEND_COMPONENTS = ("rnn", *BASELINES)
-
-
-def _column(role: str, what: str, without: str) -> Any:
-    """An import flag naming the column of `role`; by default the first of `COLUMNS[role]`."""
-    text = f"The column of {what} (default: the first of {', '.join(COLUMNS[role])}"
-    return _import("", text + (f"; none: {without})." if without else ")."))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,6 +81,7 @@ class Config:
         tasks=NEXT_SONG,
         bound=FRACTION,
     )
+    valid_split: str = flagspec.valid_split()
     cell: str = _field("lstm", "model", "Recurrent cell.", choices=CELLS)
     num_layers: int = _field(
         2, "model", "Stacked recurrent layers (UCL report: 2).", bound=POSITIVE
@@ -165,6 +152,7 @@ class Config:
         choices=LOSS_WEIGHTINGS,
         tasks=NEXT_SONG,
     )
+    recency_half_life: float = flagspec.recency_half_life()
     early_stopping_patience: int = _training(
         0,
         "Stop after N epochs without a better validation MRR@20, keep the best weights (0: off).",

@@ -64,6 +64,23 @@ def import_field(default: Any, help: str, **limits: Any) -> Any:
     return field(default, "import", "--mode=import: " + help, tasks=NEXT_SONG, **limits)
 
 
+SPLITS = ("auto", "random", "time")  # --mode=import, see importer.py
+COLUMNS = {  # --mode=import: column names found without a --<role>_column flag, first wins
+    "playlist": ("playlist_id", "playlist", "session_id", "session", "pid"),
+    "order": ("position", "pos", "timestamp", "ts", "endTime", "end_time", "time", "played_at"),
+    "song": ("track_uri", "spotify_track_uri", "track_id", "song_id", "uri"),
+    "title": ("trackName", "master_metadata_track_name", "title", "track_name", "track", "song"),
+    "artist": ("artistName", "master_metadata_album_artist_name", "artist", "artist_name"),
+    "ms_played": ("msPlayed", "ms_played"),
+}
+
+
+def column(role: str, what: str, without: str) -> Any:
+    """An import flag naming the column of `role`; by default the first of `COLUMNS[role]`."""
+    text = f"The column of {what} (default: the first of {', '.join(COLUMNS[role])}"
+    return import_field("", text + (f"; none: {without})." if without else ")."))
+
+
 def serving(default: Any, help: str, **limits: Any) -> Any:
     """A field of the serving group, read by --task=next_song only."""
     return field(default, "serving", help, tasks=NEXT_SONG, **limits)
@@ -89,3 +106,21 @@ def cold_fraction() -> Any:
     text = "Cold-start protocol: share of the songs (seeded) removed from every training and "
     text += "validation playlist; eval also scores the test events with such a target."
     return field(0.0, "data", text, tasks=NEXT_SONG, bound=FRACTION)
+
+
+VALID_SPLITS = ("auto", "random", "tail")  # see yes_reader.split_validation
+
+
+def valid_split() -> Any:
+    """`--valid_split` (a data flag of --task=next_song)."""
+    text = "Which train.txt playlists --valid_fraction holds out: random (--seed), or tail: the "
+    text += "last lines, for playlists in time order; auto: tail if --data_dir's import.json "
+    text += "says test.txt was split by time (--mode=import --split=time), else random."
+    return field("auto", "data", text, choices=VALID_SPLITS, tasks=NEXT_SONG)
+
+
+def recency_half_life() -> Any:
+    """`--recency_half_life` (a training flag of --task=next_song)."""
+    text = "Weigh the training playlists by their line in train.txt (time order): the weight "
+    text += "halves every this share of the lines, counted back from the last (0: all equal)."
+    return field(0.0, "training", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)

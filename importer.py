@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 import config as config_lib
+import flagspec
 import names
 import rundir
 from audio_reader import json_array_objects, open_text
@@ -120,7 +121,7 @@ def find_columns(config: config_lib.Config, path: str, columns: list[str]) -> di
         given = getattr(config, f"{role}_column", "")
         if given and given not in columns:
             raise ConfigError(f"--{role}_column={given}: {path} has no such column ({columns})")
-        found[role] = given or next((c for c in config_lib.COLUMNS[role] if c in columns), "")
+        found[role] = given or next((c for c in flagspec.COLUMNS[role] if c in columns), "")
     if not found["song"] and not (found["title"] and found["artist"]):
         raise DataError(
             f"{path}:1: no song key: give --song_column, or --title_column and --artist_column "

@@ -35,7 +35,6 @@ from starlette.exceptions import HTTPException
 import config as config_lib
 import names
 import serving
-import yes_reader
 from errors import ConfigError
 from musicmodel import MusicModel
 
@@ -80,7 +79,7 @@ class Recommender:
 
     def top(self, histories: list[list[int]], k: int, exclude: bool) -> dict[str, np.ndarray]:
         """{"song_ids": int32 [n, k], "scores": float32 [n, k]} after each history."""
-        padded, length = yes_reader.pad_histories(histories)
+        padded, length = serving.pad_histories(histories)
         out = self.rank[exclude](padded, length, tf.constant(k, tf.int32))
         return {name: value.numpy() for name, value in out.items()}
 

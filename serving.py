@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -183,13 +185,37 @@ def song_index(data_dir: str, catalog: yes_reader.Catalog) -> names.SongIndex:
     return names.SongIndex(catalog.titles, catalog.artists, names.read_keys(data_dir, catalog.size))
 
 
+def pad_histories(histories: list) -> tuple[np.ndarray, np.ndarray]:
+    """Song-id histories as (padded int32 [n, longest], lengths int32 [n]): the serving input."""
+    length = np.array([len(h) for h in histories], np.int32)
+    padded = np.zeros((len(histories), length.max()), np.int32)
+    for row, history in enumerate(histories):
+        padded[row, : len(history)] = history
+    return padded, length
+
+
+def read_history_lines(
+    path: str, parse: Callable[[str, str], list[int]]
+) -> list[tuple[int, list[int]]]:
+    """One history per non-blank line of `path`, with its line number; `parse(line, "path:n")`
+    turns a line into song ids (e.g. `names.SongIndex.parse_history`)."""
+    histories = [
+        (lineno, parse(line, f"{path}:{lineno}"))
+        for lineno, line in enumerate(yes_reader.read_lines(path), start=1)
+        if line.strip()
+    ]
+    if not histories:
+        raise DataError(f"{path}: no histories (one per line: songs, oldest first)")
+    return histories
+
+
 def read_histories(
     config: config_lib.Config, index: names.SongIndex
 ) -> list[tuple[str, list[int]]]:
     """(label, song ids) of --history or of each line of --history_file: songs by title, "title
     - artist", catalog id or external key, comma-separated (`names.split_entries`)."""
     if config.history_file:
-        lines = yes_reader.read_histories(
+        lines = read_history_lines(
             config.history_file, lambda line, where: index.parse_history(line, where, DataError)
         )
         return [(f"{config.history_file}:{n}", ids) for n, ids in lines]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import json
 import os
 import re
 import time
-from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -41,7 +41,7 @@ class Catalog:
         return len(self.titles)
 
 
-def _read_lines(path: str) -> list[str]:
+def read_lines(path: str) -> list[str]:
     """Returns the lines of a text file; LF, CRLF and CR-only endings all work.
 
     Bytes that are not UTF-8 are replaced by U+FFFD (a warning names the first such line), not
@@ -75,7 +75,7 @@ def read_catalog(path: str) -> Catalog:
     Stray spaces around fields are ignored and `\\/` is unescaped to `/`.
     """
     titles, artists = [], []
-    for lineno, line in enumerate(_read_lines(path), start=1):
+    for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         fields = [f.strip() for f in line.split("\t")]
@@ -113,19 +113,11 @@ def _parse_playlist(path: str, lineno: int, line: str, num_songs: int) -> np.nda
 
 def _log_progress(path: str, done: int, total: int, start: float) -> None:
     """Logs `done` of `total` lines with rate and ETA, at most every PROGRESS_SECONDS."""
-    if done % PROGRESS_LINES:
-        return
-    rate = done / max(time.monotonic() - start, 1e-9)
-    logging.log_every_n_seconds(
-        logging.INFO,
-        "%s: parsed %d of %d lines (%.0f lines/s, ETA %.0f s)",
-        PROGRESS_SECONDS,
-        path,
-        done,
-        total,
-        rate,
-        (total - done) / rate,
-    )
+    if done % PROGRESS_LINES == 0:
+        rate = done / max(time.monotonic() - start, 1e-9)
+        args = (path, done, total, rate, (total - done) / rate)
+        message = "%s: parsed %d of %d lines (%.0f lines/s, ETA %.0f s)"
+        logging.log_every_n_seconds(logging.INFO, message, PROGRESS_SECONDS, *args)
 
 
 def playlist_path(data_dir: str, split: str) -> str:
@@ -144,7 +136,7 @@ def read_playlists(path: str, num_songs: int) -> list[np.ndarray]:
     """
     if path.endswith(".csv"):
         return read_playlists_csv(path, num_songs)
-    lines = _read_lines(path)
+    lines = read_lines(path)
     if not lines:
         raise DataError(f"{path}: file is empty")
     for lineno in (1, 2):
@@ -180,7 +172,7 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
     Returns:
       One int32 array of tokens (song id + 1) per playlist.
     """
-    lines = _read_lines(path)
+    lines = read_lines(path)
     rows = csv.reader(lines)
     header = [h.strip() for h in next(rows, [])]
     if header != list(CSV_HEADER):
@@ -212,30 +204,6 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
     ]
 
 
-def pad_histories(histories: list) -> tuple[np.ndarray, np.ndarray]:
-    """Song-id histories as (padded int32 [n, longest], lengths int32 [n]): the serving input."""
-    length = np.array([len(h) for h in histories], np.int32)
-    padded = np.zeros((len(histories), length.max()), np.int32)
-    for row, history in enumerate(histories):
-        padded[row, : len(history)] = history
-    return padded, length
-
-
-def read_histories(
-    path: str, parse: Callable[[str, str], list[int]]
-) -> list[tuple[int, list[int]]]:
-    """One history per non-blank line of `path`, with its line number; `parse(line, "path:n")`
-    turns a line into song ids (e.g. `names.SongIndex.parse_history`)."""
-    histories = [
-        (lineno, parse(line, f"{path}:{lineno}"))
-        for lineno, line in enumerate(_read_lines(path), start=1)
-        if line.strip()
-    ]
-    if not histories:
-        raise DataError(f"{path}: no histories (one per line: songs, oldest first)")
-    return histories
-
-
 def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, ...]:
     """Each song's most common tag: of its tags in `tags.txt`, the one most songs carry.
 
@@ -246,12 +214,12 @@ def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, 
       One tag name per song id ("" for a song without tags).
     """
     names = {}
-    for lineno, line in enumerate(_read_lines(tag_hash_path), start=1):
+    for lineno, line in enumerate(read_lines(tag_hash_path), start=1):
         tag_id, sep, name = line.partition(",")
         if not sep or not _ID.fullmatch(tag_id.strip()):
             raise DataError(f"{tag_hash_path}:{lineno}: expected 'id, name', got {line!r}")
         names[int(tag_id)] = name.strip()
-    lines = _read_lines(tags_path)
+    lines = read_lines(tags_path)
     if len(lines) != num_songs:
         raise DataError(
             f"{tags_path}: expected one line per song ({num_songs}, as song_hash.txt), "
@@ -270,15 +238,29 @@ def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, 
 
 
 def split_validation(
-    playlists: list[np.ndarray], fraction: float, seed: int
+    playlists: list[np.ndarray], fraction: float, seed: int, tail: bool = False
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Holds out a seeded random `fraction` of whole playlists for validation."""
-    order = np.random.default_rng(seed).permutation(len(playlists))
-    n_valid = int(round(fraction * len(playlists)))
+    """Holds out `fraction` of whole playlists for validation: seeded random ones, or with `tail`
+    the last ones (for playlists in time order)."""
+    n = len(playlists)
+    order = np.arange(n)[::-1] if tail else np.random.default_rng(seed).permutation(n)
+    n_valid = int(round(fraction * n))
     valid = sorted(order[:n_valid])
     train = sorted(order[n_valid:])
     logging.info("split train.txt: %d train, %d validation playlists", len(train), len(valid))
     return [playlists[i] for i in train], [playlists[i] for i in valid]
+
+
+def split_by_time(data_dir: str) -> bool:
+    """Whether `data_dir/import.json` (written by --mode=import) says test.txt is split by time."""
+    path = os.path.join(data_dir, "import.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("split") == "time"
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not the JSON object --mode=import writes ({e})") from None
 
 
 def count_events(playlists: list[np.ndarray]) -> int:
@@ -298,7 +280,8 @@ class Windows:
     Attributes:
       inputs: int32 [windows, batch, num_steps], tokens (PAD_ID = 0 is padding).
       targets: int32 [windows, batch, num_steps], next song id (0 where padded).
-      weights: float32 [windows, batch, num_steps], 1 for a real event, 0 for padding.
+      weights: float32 [windows, batch, num_steps], 0 for padding, else 1 or the playlist's
+        recency weight (`make_windows`).
       reset: bool [windows, batch], start every row from a zero state.
       batch_starts: int64 [batches + 1], first window of each batch.
       playlists: number of playlists read, including those without events.
@@ -313,7 +296,7 @@ class Windows:
 
     @property
     def events(self) -> int:
-        return int(self.weights.sum())
+        return int(np.count_nonzero(self.weights))
 
     @property
     def num_windows(self) -> int:
@@ -321,41 +304,54 @@ class Windows:
 
 
 def make_windows(
-    playlists: list[np.ndarray], batch_size: int, num_steps: int, seed: int = 0
+    playlists: list[np.ndarray],
+    batch_size: int,
+    num_steps: int,
+    seed: int = 0,
+    recency_half_life: float = 0.0,
 ) -> Windows:
     """Sorts playlists by length (seeded tie-break), batches them and cuts the batches into windows.
 
     Nothing is dropped: the last partial batch and each row's last partial window are kept and
-    padded. Playlists with fewer than two songs give no event and are counted in the log.
+    padded. Playlists with fewer than two songs give no event and are counted in the log. With a
+    `recency_half_life` h > 0, playlist i of n (in time order) weighs 0.5 ** ((n - 1 - i) / (h n)),
+    scaled so that the weights of all events still sum to their number.
     """
-    usable = [p for p in playlists if len(p) >= 2]
+    age = np.arange(len(playlists))[::-1] / max(len(playlists), 1)
+    recency = 0.5 ** (age / recency_half_life) if recency_half_life else np.ones(len(playlists))
+    kept = [i for i, p in enumerate(playlists) if len(p) >= 2]
+    usable, recency = [playlists[i] for i in kept], recency[kept]
     if len(usable) < len(playlists):
         logging.info("%d playlist(s) with < 2 songs give no events", len(playlists) - len(usable))
     if not usable:
         raise DataError(f"no playlist has 2 or more songs: nothing to learn ({MIN_EVENTS_NOTE})")
+    sizes = np.array([len(p) - 1 for p in usable])
+    recency *= sizes.sum() / (recency * sizes).sum()
     tiebreak = np.random.default_rng(seed).random(len(usable))
     order = np.lexsort((tiebreak, [len(p) for p in usable]))
     parts, starts = [], [0]
     for first in range(0, len(order), batch_size):
-        rows = [usable[i] for i in order[first : first + batch_size]]
-        n_windows = -(-(max(len(r) for r in rows) - 1) // num_steps)
+        rows = order[first : first + batch_size]
+        n_windows = -(-(max(len(usable[i]) for i in rows) - 1) // num_steps)
         grid = np.zeros((batch_size, n_windows * num_steps + 1), np.int32)
-        for r, row in enumerate(rows):
-            grid[r, : len(row)] = row
-        parts.append(grid)
+        row_weight = np.zeros((batch_size, 1), np.float32)
+        for r, i in enumerate(rows):
+            grid[r, : len(usable[i])], row_weight[r] = usable[i], recency[i]
+        parts.append((grid, row_weight))
         starts.append(starts[-1] + n_windows)
-    inputs, targets = [], []
-    for grid in parts:
+    inputs, targets, weights = [], [], []
+    for grid, row_weight in parts:
         shape = (batch_size, -1, num_steps)
         inputs.append(grid[:, :-1].reshape(shape).transpose(1, 0, 2))
         targets.append(grid[:, 1:].reshape(shape).transpose(1, 0, 2))
+        weights.append(((grid[:, 1:] != PAD_ID) * row_weight).reshape(shape).transpose(1, 0, 2))
     inputs, targets = np.concatenate(inputs), np.concatenate(targets)
     reset = np.zeros(inputs.shape[:2], bool)
     reset[starts[:-1]] = True
     return Windows(
         inputs=inputs,
         targets=np.maximum(targets - 1, 0),
-        weights=(targets != PAD_ID).astype(np.float32),
+        weights=np.concatenate(weights).astype(np.float32),
         reset=reset,
         batch_starts=np.asarray(starts, np.int64),
         playlists=len(playlists),
@@ -423,8 +419,9 @@ class YesData:
     test: list[np.ndarray]
 
 
-def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
-    """Reads song_hash.txt, train and test (.txt or .csv) of `data_dir`; splits off validation."""
+def load(data_dir: str, valid_fraction: float, seed: int, valid_split: str = "auto") -> YesData:
+    """Reads song_hash.txt, train and test (.txt or .csv) of `data_dir`; splits off validation
+    (`--valid_split`: random, tail, or auto = tail if `split_by_time(data_dir)`)."""
     if not os.path.isdir(data_dir):
         raise DataError(f"{data_dir}: data directory not found")
     catalog = read_catalog(os.path.join(data_dir, "song_hash.txt"))
@@ -435,7 +432,8 @@ def load(data_dir: str, valid_fraction: float, seed: int) -> YesData:
             f"{train_path}: no playlist has 2 or more songs: nothing to learn ({MIN_EVENTS_NOTE})"
         )
     test = read_playlists(playlist_path(data_dir, "test"), catalog.size)
-    train, valid = split_validation(train, valid_fraction, seed)
+    tail = valid_split == "tail" or (valid_split == "auto" and split_by_time(data_dir))
+    train, valid = split_validation(train, valid_fraction, seed, tail)
     for name, split in (("train", train), ("validation", valid), ("test", test)):
         logging.info("%s: %d playlists, %d events", name, len(split), count_events(split))
     return YesData(catalog, train, valid, test)

@@ -88,7 +88,7 @@ def seconds_to_bar(rows: list[dict]) -> float | None:
 
 def load_data(config: config_lib.Config, quick: bool) -> yes_reader.YesData:
     """The train/validation/test playlists; with `quick`, the first `QUICK_SLICE` of each."""
-    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed)
+    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed, config.valid_split)
     if quick:
         data = yes_reader.YesData(
             data.catalog, *(getattr(data, s)[:n] for s, n in QUICK_SLICE.items())

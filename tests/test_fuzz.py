@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 import audio_reader
 import errors
 import names
+import serving
 import yes_reader
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
@@ -296,7 +297,7 @@ HISTORIES = st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=5), min_si
 def test_history_file_reads_as_the_reference(histories, separator):
     text = "".join(separator.join(map(str, h)) + "\n\n" for h in histories)
     with tempfile.TemporaryDirectory() as d:
-        got = yes_reader.read_histories(write(d, "h.txt", text.encode()), parse_ids)
+        got = serving.read_history_lines(write(d, "h.txt", text.encode()), parse_ids)
     assert got == [(2 * i + 1, h) for i, h in enumerate(histories)]
 
 
@@ -306,7 +307,7 @@ def test_history_file_and_flag_mutated_are_read_or_refused(histories, data):
     raw = data.draw(mutated("".join(" ".join(map(str, h)) + "\n" for h in histories).encode()))
     with tempfile.TemporaryDirectory() as d:
         path = write(d, "h.txt", raw)
-        read_or_refuse(lambda: yes_reader.read_histories(path, parse_ids), path)
+        read_or_refuse(lambda: serving.read_history_lines(path, parse_ids), path)
     flag = raw.decode("utf-8", "replace")
     where = f"--history={flag}"
     read_or_refuse(lambda: parse_ids(flag, where), where)
@@ -423,7 +424,7 @@ READERS = {
     "train.txt": lambda p: yes_reader.read_playlists(p, 3),
     "train.csv": lambda p: yes_reader.read_playlists(p, 3),
     "song_hash.txt": yes_reader.read_catalog,
-    "history.txt": lambda p: yes_reader.read_histories(p, parse_ids),
+    "history.txt": lambda p: serving.read_history_lines(p, parse_ids),
     "tags.txt": lambda p: yes_reader.read_tags(
         p, os.path.join(os.path.dirname(p), "tag_hash.txt"), 3
     ),

@@ -199,7 +199,7 @@ def test_export_reloads_in_a_fresh_process_and_matches(trained, model, tmp_path)
 
 def test_ranking_function_takes_k_per_call_and_checks_it(model):
     ranked = serving.ranking_function(model, exclude_history=True)
-    padded, length = yes_reader.pad_histories(HISTORIES)
+    padded, length = serving.pad_histories(HISTORIES)
     for k in (1, 4):
         out = ranked(padded, length, tf.constant(k))
         for row, history in enumerate(HISTORIES):

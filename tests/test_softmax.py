@@ -168,7 +168,7 @@ def test_serving_pads_requests_to_buckets_without_changing_them():
 
     model = tiny_model()
     histories = [[3, 0, 7, 2, 9], [5], [1, 1, 4]]
-    padded, length = yes_reader.pad_histories(histories)
+    padded, length = serving.pad_histories(histories)
     assert padded.shape == (3, 5)
     out = serving.serving_function(model, top_k=4, exclude_history=True)(padded, length)
     for row, history in enumerate(histories):

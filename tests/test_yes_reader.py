@@ -102,6 +102,40 @@ def test_load_splits_validation_by_seeded_fraction(tmp_path):
     assert [p.tolist() for p in again.valid] == [p.tolist() for p in data.valid]
 
 
+def test_valid_split_tail_holds_out_the_last_lines_and_auto_follows_import_json(tmp_path):
+    train = [[i % 6, (i + 1) % 6, i % 5] for i in range(8)]
+    write_yes_dir(tmp_path, train, [[0, 1]], num_songs=6)
+    tail = yes_reader.load(str(tmp_path), valid_fraction=0.25, seed=0, valid_split="tail")
+    tokens = [[s + 1 for s in p] for p in train]  # token = song id + 1
+    assert [p.tolist() for p in tail.valid] == tokens[6:]
+    assert [p.tolist() for p in tail.train] == tokens[:6]
+    random = yes_reader.load(str(tmp_path), valid_fraction=0.25, seed=0, valid_split="random")
+    assert [p.tolist() for p in random.valid] == [tokens[2], tokens[4]]  # lines 3 and 5
+    assert yes_reader.load(str(tmp_path), 0.25, 0).valid[0].tolist() == random.valid[0].tolist()
+    (tmp_path / "import.json").write_text('{"split": "time", "test": "..."}')
+    assert [p.tolist() for p in yes_reader.load(str(tmp_path), 0.25, 0).valid] == tokens[6:]
+    (tmp_path / "import.json").write_text('{"split": "random"}')
+    assert yes_reader.load(str(tmp_path), 0.25, 0).valid[0].tolist() == random.valid[0].tolist()
+    (tmp_path / "import.json").write_text("[1, 2")
+    with pytest.raises(errors.DataError, match="import.json: not the JSON object"):
+        yes_reader.load(str(tmp_path), 0.25, 0)
+
+
+def test_recency_half_life_weights_playlists_by_line_worked_by_hand():
+    # 4 playlists in time order; the second has no event. Ages (3, 2, 1, 0) / 4 with half-life
+    # 1/4 of the lines: raw weights 1/8, 1/4 (dropped), 1/2, 1. Events 1, 2, 1: the scale is
+    # 4 / (1/8 + 2 * 1/2 + 1) = 32 / 17, so the weights are 4/17, 16/17 (twice) and 32/17.
+    playlists = [np.array(p) for p in ([1, 2], [3], [2, 3, 1], [3, 1])]
+    w = yes_reader.make_windows(playlists, batch_size=4, num_steps=2, recency_half_life=0.25)
+    by_playlist = {tuple(w.inputs[0, r]): w.weights[:, r].ravel() for r in range(3)}
+    np.testing.assert_allclose(by_playlist[(1, 2)], [4 / 17, 0], rtol=1e-6)
+    np.testing.assert_allclose(by_playlist[(2, 3)], [16 / 17, 16 / 17], rtol=1e-6)
+    np.testing.assert_allclose(by_playlist[(3, 1)], [32 / 17, 0], rtol=1e-6)
+    assert w.events == 4 and w.weights.sum() == pytest.approx(4)
+    plain = yes_reader.make_windows(playlists, batch_size=4, num_steps=2)
+    assert set(np.unique(plain.weights)) == {0.0, 1.0}
+
+
 def test_crlf_and_cr_line_endings(tmp_path):
     path = tmp_path / "train.txt"
     write_playlist_file(path, [[0, 1], [2, 3, 4]], num_songs=6)
