@@ -38,7 +38,8 @@ def init_from(
     Raises:
       ConfigError naming `where` (the flag) if a model setting differs or a shape does not fit.
     """
-    for name in ("cell", "num_layers", "embedding_size", "hidden_size", "tie_embeddings"):
+    settings = ("cell", "num_layers", "embedding_size", "hidden_size", "tie_embeddings")
+    for name in (*settings, "side_features", "num_tags"):  # the last two add weights
         if getattr(model, name) != getattr(old, name):
             raise ConfigError(
                 f"{where}: that model has {name}={getattr(old, name)}, this run "

@@ -56,6 +56,15 @@ def test_other_settings_or_shapes_are_refused():
     new = musicmodel.build_model(dataclasses.replace(small, hidden_size=5), 3)
     with pytest.raises(ConfigError, match=r"--init_from=o: that model has hidden_size=3"):
         warmstart.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
+    # Side features add weights: refused by name, not a traceback from the weight lists.
+    tied = dataclasses.replace(small, tie_embeddings=True)
+    plain = musicmodel.build_model(tied, 3)
+    side = dict(num_artists=2, num_tags=0, song_artists=np.array([0, 1, 1]))
+    artist = dataclasses.replace(tied, side_features="artist")
+    with_side = musicmodel.build_model(artist, 3, np.ones(3), side)
+    for new, old in ((with_side, plain), (plain, with_side)):
+        with pytest.raises(ConfigError, match=r"--init_from=o: that model has side_features="):
+            warmstart.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
 
 
 @pytest.fixture(scope="module")
