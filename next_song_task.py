@@ -214,7 +214,8 @@ class NextSongTask:
             results["cold"] = metrics.report(evaluate_windows(model, cold_windows))
         if config.baselines or config.blend:
             compared = blend.compare(config, model, windows, cold)
-            results["cold"] = {**results.get("cold", {}), **compared.pop("cold", {})}
+            if "cold" in compared:  # only with --cold_fraction, like the model's "cold"
+                results["cold"].update(compared.pop("cold"))
             results.update(compared)
         for report in (results, results.get("cold")):
             if report:

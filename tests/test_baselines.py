@@ -211,6 +211,7 @@ def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained, model):
     assert rows == ["method", "popularity", "markov", "sknn", "vstan", "model", "blend"]
     m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
     assert list(m["baselines"]) == ["popularity", "markov", "sknn", "vstan"]
+    assert "cold" not in m  # no --cold_fraction, no cold-target report
     schema = {"events", "recall", "mrr", "ndcg", "log_likelihood", "perplexity"}
     for report in m["baselines"].values():
         assert set(report) == schema and report["events"] == m["events"]
