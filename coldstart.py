@@ -82,10 +82,7 @@ def song_tags(data_dir: str, num_songs: int) -> np.ndarray:
     for path in (tags_path, hash_path):
         if not os.path.exists(path):
             raise DataError(f"{path}: file not found (--side_features=artist_tags needs it)")
-    yes_reader.read_tags(tags_path, hash_path, num_songs)  # checks both files (path:line)
-    with open(tags_path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
-    ids = [[] if line.strip() == "#" else [int(t) for t in line.split()] for line in lines]
+    _, ids = yes_reader.read_song_tags(tags_path, hash_path, num_songs)
     out = np.zeros((num_songs, 1 + max((max(t) for t in ids if t), default=0)), np.float32)
     for song, tags in enumerate(ids):
         out[song, tags] = 1.0 / max(len(tags), 1)

@@ -204,15 +204,11 @@ def read_playlists_csv(path: str, num_songs: int) -> list[np.ndarray]:
     ]
 
 
-def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, ...]:
-    """Each song's most common tag: of its tags in `tags.txt`, the one most songs carry.
-
-    `tags.txt` has one line per song id (tag ids, or `#` for none); `tag_hash.txt` has lines
-    `id, name`. Ties go to the lower tag id.
-
-    Returns:
-      One tag name per song id ("" for a song without tags).
-    """
+def read_song_tags(
+    tags_path: str, tag_hash_path: str, num_songs: int
+) -> tuple[dict[int, str], list[list[int]]]:
+    """(tag id -> name, each song's tag ids): `tags.txt` has one line per song id (tag ids, or
+    `#` for none); `tag_hash.txt` has lines `id, name`. DataError naming path:line."""
     names = {}
     for lineno, line in enumerate(read_lines(tag_hash_path), start=1):
         tag_id, sep, name = line.partition(",")
@@ -231,6 +227,13 @@ def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, 
         if not all(_ID.fullmatch(t) and int(t) in names for t in tags):
             raise DataError(f"{tags_path}:{lineno}: a tag id is not in {tag_hash_path}: {line!r}")
         song_tags.append([int(t) for t in tags])
+    return names, song_tags
+
+
+def read_tags(tags_path: str, tag_hash_path: str, num_songs: int) -> tuple[str, ...]:
+    """Each song's most common tag (`read_song_tags`): of its tags, the one most songs carry;
+    ties go to the lower tag id. Returns one tag name per song id ("" for none)."""
+    names, song_tags = read_song_tags(tags_path, tag_hash_path, num_songs)
     counts = collections.Counter(t for tags in song_tags for t in tags)
     return tuple(
         names[min(tags, key=lambda t: (-counts[t], t))] if tags else "" for tags in song_tags
