@@ -145,8 +145,7 @@ def compare(
       "validation" report of the chosen weights when they were tuned); if any song is cold,
       "cold": the same entries over the events whose target is cold.
     """
-    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed, config.valid_split)
-    data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
+    data = coldstart.load(config)
     blend = config.blend_weights
     fitted = fit(sorted(set(config.baseline_names) | (set(blend) - {"rnn"})), data)
     events = Events.from_windows(windows)
@@ -216,8 +215,7 @@ def recommend_blend(
     """
 
     weights = chosen_weights(config)
-    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed, config.valid_split)
-    data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
+    data = coldstart.load(config)
     fitted = fit(sorted(set(weights) - {"rnn"}), data)
     num_songs, total = model.num_songs, sum(weights.values())
     probs = np.zeros((len(histories), num_songs))

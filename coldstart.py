@@ -18,6 +18,7 @@ import os
 import numpy as np
 from absl import logging
 
+import config as config_lib
 import names
 import yes_reader
 from errors import DataError
@@ -48,6 +49,14 @@ def remove_cold(data: yes_reader.YesData, fraction: float, seed: int) -> tuple:
     if not yes_reader.count_events(train):
         raise DataError(f"--cold_fraction={fraction}: no training playlist keeps 2 songs")
     return dataclasses.replace(data, train=train, valid=valid), cold
+
+
+def load(config: config_lib.Config) -> yes_reader.YesData:
+    """`yes_reader.load` of --data_dir (--valid_fraction, --seed, --valid_split) with the
+    --cold_fraction songs removed from its training and validation playlists (`remove_cold`):
+    what every fit sees."""
+    data = yes_reader.load(config.data_dir, config.valid_fraction, config.seed, config.valid_split)
+    return remove_cold(data, config.cold_fraction, config.seed)[0]
 
 
 def cold_target_windows(windows: yes_reader.Windows, cold: np.ndarray) -> yes_reader.Windows:

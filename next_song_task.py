@@ -106,10 +106,7 @@ class NextSongTask:
         strategy = cluster.make_strategy(config.strategy)  # before any other TensorFlow op
         cluster.check_batch_size(strategy, config.batch_size)
         keras.utils.set_random_seed(config.seed)
-        data = yes_reader.load(
-            config.data_dir, config.valid_fraction, config.seed, config.valid_split
-        )
-        data, _ = coldstart.remove_cold(data, config.cold_fraction, config.seed)
+        data = coldstart.load(config)
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed, config.recency_half_life
         )
