@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
@@ -21,6 +22,16 @@ def test_pessimistic_ranks_count_ties_against_the_target():
     )
     ranks = metrics.pessimistic_ranks(scores, np.array([2, 0, 3]))
     assert np.asarray(ranks).tolist() == [3, 1, 4]
+
+
+def test_pessimistic_ranks_of_arrays_and_tensors_agree():
+    # numpy scores take a numpy path; a NaN counts as better than any score on both.
+    scores = np.array([[0.2, np.nan, 0.2, 0.1], [0.5, 0.4, 0.4, np.nan]])
+    targets = np.array([0, 2])  # ranks: 0.2 tied + NaN -> 3; 0.5, 0.4 tied, NaN -> 4
+    from_array = metrics.pessimistic_ranks(scores, targets)
+    from_tensor = metrics.pessimistic_ranks(keras.ops.convert_to_tensor(scores), targets)
+    assert isinstance(from_array, np.ndarray) and from_array.dtype == np.int32
+    assert from_array.tolist() == np.asarray(from_tensor).tolist() == [3, 4]
 
 
 def test_metrics_over_uneven_batches_weigh_every_event_once():
