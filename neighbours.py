@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 from absl import logging
 
+import metrics
 from errors import DataError
 
 SKNN_NEIGHBOURS = 100  # k of V-SKNN (Ludewig & Jannach 2018)
@@ -50,12 +51,11 @@ def validation_events(
 
 def ranking_quality(scores: Callable, histories: list, targets: np.ndarray) -> float:
     """Recall@20 x MRR@20 of `scores(histories)` (the criterion baselines are tuned by), with the
-    pessimistic ranks of `metrics.pessimistic_ranks` (computed here in numpy)."""
+    pessimistic ranks of `metrics.pessimistic_ranks`."""
     ranks = []
     for i in range(0, len(targets), CHUNK):
         chunk = scores(histories[i : i + CHUNK])
-        target = chunk[np.arange(len(chunk)), targets[i : i + CHUNK]]
-        ranks.append((chunk >= target[:, None]).sum(axis=1))
+        ranks.append(metrics.pessimistic_ranks(chunk, targets[i : i + CHUNK]))
     ranks = np.concatenate(ranks)
     top = ranks <= 20
     return float(top.mean() * np.mean(np.where(top, 1.0 / ranks, 0.0)))
