@@ -26,6 +26,7 @@ from neighbours import (
     CHUNK,
     VSTAN,
     SessionKNN,
+    normalised,
     popularity_probabilities,
     ranking_quality,
     song_counts,
@@ -204,9 +205,7 @@ class SequentialRules:
     def probabilities(self, histories: list[np.ndarray]) -> np.ndarray:
         """Rule weights divided by their sum; popularity where no rule fires (for blends)."""
         last = np.array([h[-1] for h in histories], np.int64)
-        rows = self.rules[last].toarray()
-        total = rows.sum(axis=1, keepdims=True)
-        return np.where(total > 0, rows / np.maximum(total, 1e-300), self.p_pop[None, :])
+        return normalised(self.rules[last].toarray(), histories, False, self.p_pop)
 
     def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
         return None  # rule weights are not a probability model

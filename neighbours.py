@@ -87,6 +87,17 @@ def history_matrix(
     return sp.csr_matrix((weights, (rows, songs)), shape=(len(histories), num_songs))
 
 
+def normalised(
+    raw: np.ndarray, histories: list, history_last: bool, p_pop: np.ndarray
+) -> np.ndarray:
+    """float64 [events, songs]: `raw` scores divided by their sum (the history's songs 0 with
+    `history_last`); popularity `p_pop` where nothing scored (for blends)."""
+    if history_last:
+        raw[history_matrix(histories, raw.shape[1]).toarray() > 0] = 0.0
+    total = raw.sum(axis=1, keepdims=True)
+    return np.where(total > 0, raw / np.maximum(total, 1e-300), p_pop[None, :])
+
+
 def rank_within_rows(rows: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Position of each entry inside its row once entries are sorted by `order` (row-major)."""
     sorted_rows = rows[order]
@@ -174,11 +185,8 @@ class SessionKNN:
 
         With `history_last`, songs of the history get probability 0 unless nothing else scored.
         """
-        scores = self.neighbour_scores(histories)
-        if self.history_last:
-            scores[history_matrix(histories, self.num_songs).toarray() > 0] = 0.0
-        total = scores.sum(axis=1, keepdims=True)
-        return np.where(total > 0, scores / np.maximum(total, 1e-300), self.p_pop[None, :])
+        raw = self.neighbour_scores(histories)
+        return normalised(raw, histories, self.history_last, self.p_pop)
 
     def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
         return None  # a neighbourhood score is not a probability model
@@ -321,10 +329,7 @@ class VSTAN:
         """Scores divided by their sum (history songs 0 with `history_last`); popularity where
         no neighbour was found (for blends)."""
         raw = self.neighbour_scores(histories)
-        if self.settings.history_last:
-            raw[history_matrix(histories, self.num_songs).toarray() > 0] = 0.0
-        total = raw.sum(axis=1, keepdims=True)
-        return np.where(total > 0, raw / np.maximum(total, 1e-300), self.p_pop[None, :])
+        return normalised(raw, histories, self.settings.history_last, self.p_pop)
 
     def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
         return None  # a neighbourhood score is not a probability model
