@@ -74,7 +74,8 @@ def read_keys(data_dir: str, num_songs: int) -> tuple[str, ...] | None:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            song, sep, key = line.rstrip("\r\n").partition("\t")
+            song, sep, key = line.partition("\t")
+            key = key.strip()  # a blank key is no key: refused, not read as ""
             if not sep or not song.strip().isascii() or not song.strip().isdigit() or not key:
                 raise DataError(f"{path}:{lineno}: expected 'id<TAB>key', got {line.rstrip()!r}")
             i = int(song)
@@ -83,7 +84,7 @@ def read_keys(data_dir: str, num_songs: int) -> tuple[str, ...] | None:
                     "given twice" if i < num_songs else f"outside the catalog (0..{num_songs - 1})"
                 )
                 raise DataError(f"{path}:{lineno}: song id {i} is {why}")
-            keys[i] = key.strip()
+            keys[i] = key
     return tuple(keys)
 
 

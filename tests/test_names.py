@@ -124,6 +124,7 @@ def test_read_keys_refuses_bad_lines_naming_them(tmp_path):
     for text, why in [
         ("0 spotify:a\n", "1: expected 'id<TAB>key'"),
         ("0\ta\n0\tb\n", r"2: song id 0 is given twice"),
+        ("0\t \n0\tb\n", "1: expected 'id<TAB>key'"),  # blank, then twice: neither passes
         ("3\ta\n", r"1: song id 3 is outside the catalog \(0..2\)"),
     ]:
         path.write_text(text)
