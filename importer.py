@@ -336,12 +336,11 @@ def build(config: config_lib.Config) -> tuple[dict[str, str], list[str]]:
         "train (kept in the catalog)"
     )
     first = plays.drop_duplicates("key")  # the first spelling seen, in id order
-    rows_out = zip(range(len(keys)), first["title"], first["artist"], keys, strict=True)
-    catalog = [(f"{i}\t{title}\t{artist}\n", f"{i}\t{key}\n") for i, title, artist, key in rows_out]
+    titles = zip(range(len(keys)), first["title"], first["artist"], strict=True)
     summary = {"input": path, "columns": cols, "split": method, "test": how, "report": report}
     files = {
-        "song_hash.txt": "".join(line for line, _ in catalog),
-        names.KEYS_FILE: "".join(line for _, line in catalog),
+        "song_hash.txt": "".join(f"{i}\t{title}\t{artist}\n" for i, title, artist in titles),
+        names.KEYS_FILE: names.keys_text(keys),
         "train.txt": playlist_file(splits[0], len(keys)),
         "test.txt": playlist_file(splits[1], len(keys)),
         "import.json": json.dumps(summary, indent=2) + "\n",
@@ -375,4 +374,4 @@ def catalog_keys(data_dir: str, titles: Sequence[str], artists: Sequence[str]) -
 
 def write_song_keys(path: str, keys: Sequence[str]) -> None:
     """Writes `keys` as `song_keys.txt` (atomically)."""
-    rundir.write_text_atomic(path, "".join(f"{i}\t{key}\n" for i, key in enumerate(keys)))
+    rundir.write_text_atomic(path, names.keys_text(keys))

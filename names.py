@@ -88,6 +88,11 @@ def read_keys(data_dir: str, num_songs: int) -> tuple[str, ...] | None:
     return tuple(keys)
 
 
+def keys_text(keys: Sequence[str]) -> str:
+    """The text of a song_keys.txt (`id<TAB>key` a line, as `read_keys` reads it)."""
+    return "".join(f"{i}\t{key}\n" for i, key in enumerate(keys))
+
+
 def split_entries(text: str, where: str, error: type[Exception] = ConfigError) -> list[str | int]:
     """The songs of one history as typed: comma-separated, oldest first.
 
