@@ -18,7 +18,6 @@ each needed to reach the bar, `BAR`, or that it never did.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import flags
 
 import config as config_lib
 import hooks
@@ -42,17 +42,17 @@ QUICK_SLICE = {"train": 1500, "valid": 200, "test": 200}  # playlists of data/ye
 
 
 def read_flags(path: str) -> dict:
-    """The `--name=value` / `--name` lines of an absl flag file as Config keyword arguments."""
-    fields = {f.name: f for f in dataclasses.fields(config_lib.Config)}
+    """An absl flag file as Config keyword arguments, read as `deepcf --flagfile` reads it:
+    absl expands the file, each value is parsed by deepcf's own flag of that name (`--name`,
+    `--name=false`, `--noname` for booleans)."""
+    import deepcf  # noqa: F401  (defines one absl flag per Config field)
+
     given = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line.startswith("--"):
-                continue
-            name, _, value = line[2:].partition("=")
-            kind = type(fields[name].default)
-            given[name] = True if kind is bool and not value else kind(value)
+    for arg in flags.FLAGS.read_flags_from_files([f"--flagfile={path}"]):
+        name, has_value, value = arg[2:].partition("=")
+        if not has_value and name not in flags.FLAGS and name.startswith("no"):
+            name, value = name[2:], "false"  # --noname
+        given[name] = flags.FLAGS[name].parser.parse(value if has_value or value else "true")
     return given
 
 

@@ -164,6 +164,15 @@ def test_best_rnn_flags_read_into_a_config():
     assert config.early_stopping_patience == 3 and config.loss_weighting == "event"
 
 
+@pytest.mark.smoke
+def test_read_flags_parses_booleans_as_deepcf_does(tmp_path):
+    path = tmp_path / "f.flags"
+    path.write_text("# comment\n--tie_embeddings=false\n--nojit_compile\n--dropout=0.5\n")
+    assert ttq.read_flags(str(path)) == dict(tie_embeddings=False, jit_compile=False, dropout=0.5)
+    path.write_text("--tie_embeddings\n--jit_compile=true\n")
+    assert ttq.read_flags(str(path)) == dict(tie_embeddings=True, jit_compile=True)
+
+
 @pytest.mark.benchmark
 def test_quick_time_to_quality_writes_its_json_and_plot(tmp_path):
     out = tmp_path / "ttq.json"
