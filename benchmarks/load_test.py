@@ -9,7 +9,7 @@ split (the first up to 20 songs of a playlist, drawn with a fixed seed). A reque
 error unless it answers 200 with the expected JSON and `k` songs. The run is bounded: each
 request has `--timeout` seconds, and clients stop sending after `--max_seconds`. It prints the
 counts, errors (the first few), p50/p99 latency and requests per second, writes them as JSON to
-`--out` if given, and exits 1 if any request failed or was not sent.
+`--out` if given (atomically), and exits 1 if any request failed or was not sent.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 import urllib.parse
+
+import rundir
 
 K = 10
 MAX_HISTORY = 20
@@ -130,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     for error in out["errors"][:5]:
         print("error:", error, file=sys.stderr)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        rundir.write_json_atomic(args.out, report)
     return 0 if report["errors"] == 0 and report["sent"] == planned else 1
 
 
