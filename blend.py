@@ -224,7 +224,7 @@ def recommend_blend(
             probs += weight / total * fitted[name].probabilities(histories)
             continue
         serve = serving.serving_function(model, num_songs, exclude_history=False)
-        out = serve(*yes_reader.pad_histories(histories))  # every song, best first: scatter back
+        out = serve(*serving.pad_histories(histories))  # every song, best first: scatter back
         rnn = np.zeros_like(probs)
         np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
         probs += weight / total * rnn

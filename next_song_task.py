@@ -239,7 +239,7 @@ class NextSongTask:
             songs = [np.asarray(ids) for _, ids in histories]
             out = blend.recommend_blend(config, model, songs, config.top_k)
         else:
-            padded, length = yes_reader.pad_histories([ids for _, ids in histories])
+            padded, length = serving.pad_histories([ids for _, ids in histories])
             out = {k: v.numpy() for k, v in recommend(padded, length).items()}
         for row, (label, ids) in enumerate(histories):
             serving.print_recommendations(
