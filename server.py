@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sysconfig
 from typing import Any
 
 import fastapi
@@ -39,7 +40,10 @@ from errors import ConfigError
 from musicmodel import MusicModel
 
 MODEL_NAME = "deepcf"
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "index.html")
+PAGE_DIRS = (  # a checkout or editable install, then setup.py's data_files of an installed one
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "web"),
+    os.path.join(sysconfig.get_path("data"), "share", "deepcf", "web"),
+)
 SIGNATURES = ("serving_default", "top_k")  # as `--mode=export` names them
 MAX_BATCH = 1000  # histories per predict call
 MAX_HISTORY = 1000  # songs per history
@@ -169,6 +173,15 @@ class Recommender:
         return {"id": song, "title": self.index.titles[song], "artist": self.index.artists[song]}
 
 
+def page_path(dirs: tuple[str, ...] = PAGE_DIRS) -> str:
+    """The page's index.html: in the first of `dirs` that has it (a 404 if none does)."""
+    for directory in dirs:
+        path = os.path.join(directory, "index.html")
+        if os.path.isfile(path):
+            return path
+    raise HTTPException(404, f"the page (index.html) is not in {' or '.join(dirs)}")
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -194,7 +207,7 @@ def make_app(model: MusicModel, index: names.SongIndex, config: config_lib.Confi
 
     @app.get("/")
     def page() -> FileResponse:
-        return FileResponse(PAGE, media_type="text/html")
+        return FileResponse(page_path(), media_type="text/html")
 
     @app.get("/v1/models/{name}")
     def status(name: str) -> dict:

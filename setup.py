@@ -59,5 +59,8 @@ setup(
         # pytest-xdist: the suite runs its test files on every core (pyproject.toml's addopts)
         "test": ["pytest", "pytest-xdist", "hypothesis", "ruff", "selenium"]
     },
+    # the page of --mode=serve: beside server.py in a checkout, in <prefix>/share/deepcf/web/
+    # when installed (server.page_path looks in both)
+    data_files=[("share/deepcf/web", ["web/index.html"])],
     entry_points={"console_scripts": ["deepcf=deepcf:run"]},
 )

@@ -12,8 +12,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import urllib.error
 import urllib.request
+import zipfile
 
 import pytest
 
@@ -318,3 +323,29 @@ def test_page_recommends_what_recommend_says(url, trained, index):
         assert driver.find_element(By.ID, "error").text == ""
     finally:
         driver.quit()
+
+
+def test_page_is_found_beside_the_module_or_where_setup_installs_it(tmp_path):
+    import server  # the server's imports (fastapi, uvicorn) load only for the serving tests
+
+    first, second = tmp_path / "checkout", tmp_path / "installed"
+    second.mkdir()
+    (second / "index.html").write_text("<html></html>")
+    assert server.page_path((str(first), str(second))) == str(second / "index.html")
+    with pytest.raises(server.HTTPException, match="not in .*checkout or .*nowhere"):
+        server.page_path((str(first), str(tmp_path / "nowhere")))
+    # A wheel (what `pip install .` installs) carries the page as data: <prefix>/share/deepcf/web.
+    # It is built from a copy: setuptools writes build/ into the source tree.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT / "web", source / "web")
+    for module in ROOT.glob("*.py"):
+        shutil.copy(module, source)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(source)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "wheel").glob("deepcf-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "deepcf-0.1.0.data/data/share/deepcf/web/index.html" in names
+    assert os.path.join(sysconfig.get_path("data"), "share", "deepcf", "web") in server.PAGE_DIRS
