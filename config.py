@@ -133,6 +133,7 @@ class Config:
         tasks=NEXT_SONG,
         bound=POSITIVE,
     )
+    sampled_steps: str = flagspec.sampled_steps()
     jit_compile: bool = _training(
         False,
         "XLA-compile the next-song training step (same loss). XLA needs static shapes, so it "

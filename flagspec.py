@@ -124,3 +124,13 @@ def recency_half_life() -> Any:
     text = "Weigh the training playlists by their line in train.txt (time order): the weight "
     text += "halves every this share of the lines, counted back from the last (0: all equal)."
     return field(0.0, "training", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)
+
+
+SAMPLED_STEPS = ("scaled", "plain")
+
+
+def sampled_steps() -> Any:
+    """`--sampled_steps` (a training flag of --task=next_song)."""
+    text = "With --softmax=sampled: scaled multiplies the Adam step of each song's output row "
+    text += "by pi^(-1/4), pi its chance to be sampled in a step; plain: Adam as for every weight."
+    return field("scaled", "training", text, choices=SAMPLED_STEPS, tasks=NEXT_SONG)

@@ -231,6 +231,15 @@ class SongSampler:
         self.alias = tf.constant(alias, tf.int32)
         self.log_q = tf.constant(np.log(probs), tf.float32)
 
+    def step_scales(self, num: int) -> np.ndarray:
+        """float32 [songs]: pi^(-1/4), pi = 1 - (1 - Q)^num the probability that a song is
+        among `num` draws: the Adam step scale of the sampled output rows. Dense Adam moves a
+        row that gets a gradient in a share pi of the steps about sqrt(pi) as far per step as
+        one that gets it every step; pi^(-1/2) would undo that fully, pi^(-1/4) (half of it
+        in log scale) won on validation (docs/results.md, "Sampled softmax convergence")."""
+        rates = -np.expm1(num * np.log1p(-np.exp(self.log_q.numpy().astype(np.float64))))
+        return (rates**-0.25).astype(np.float32)
+
     def draw(self, num: int, seed) -> tf.Tensor:
         """int32 [num] song ids drawn with replacement; `seed`: int32 [2] (stateless)."""
         uniform = tf.random.stateless_uniform([2, num], seed)
@@ -264,6 +273,15 @@ def sampled_softmax_logits(queries, targets, kernel, bias, sampled, log_q):
     return ops.concatenate([ops.expand_dims(true_logit, -1), negatives], axis=-1)
 
 
+@tf.function(jit_compile=True)
+def scaled_adam(variable, m, v, grad, scale, lr, beta_1, beta_2, epsilon) -> None:
+    """Keras' Adam update with the step multiplied by `scale`, as one XLA program (one pass
+    over variable, moments and gradient, as `ResourceApplyAdam`; lr: the bias-corrected rate)."""
+    m.assign_add((grad - m) * (1.0 - beta_1))
+    v.assign_add((tf.square(grad) - v) * (1.0 - beta_2))
+    variable.assign_sub(scale * lr * m / (tf.sqrt(v) + epsilon))
+
+
 @keras.saving.register_keras_serializable(package="deepcf")
 class FusedAdam(keras.optimizers.Adam):
     """`keras.optimizers.Adam` whose update of a variable is TF's fused `ResourceApplyAdam`.
@@ -272,8 +290,21 @@ class FusedAdam(keras.optimizers.Adam):
     v += (g^2 - v)(1 - beta2), var -= lr_t m / (sqrt(v) + epsilon)), computed in one pass over
     the variable, its moments and its gradient instead of about ten (docs/results.md measures
     both on a 75,262-song catalog).
-    Under a `tf.distribute` strategy, and with amsgrad, Keras' own update runs.
+    Under a `tf.distribute` strategy, and with amsgrad, Keras' own update runs (unscaled).
+
+    `scale_steps` multiplies the step of chosen variables entry by entry (the sampled softmax's
+    output rows, `musicmodel.scale_sampled_steps`); their update is `scaled_adam` (same formula).
     """
+
+    def scale_steps(self, variable, scale: np.ndarray) -> None:
+        """Multiplies the Adam step of `variable` by `scale` (broadcast to its shape).
+
+        Moments are updated as usual; only `var -= scale * lr_t m / (sqrt(v) + epsilon)`
+        changes. Not saved with the optimizer: the model sets it again when it is built.
+        """
+        if not hasattr(self, "_step_scales"):
+            self._step_scales = {}
+        self._step_scales[self._var_key(variable)] = tf.constant(scale, tf.float32)
 
     def _clip_gradients(self, grads: list) -> list:
         """Keras' clipping by global norm, with one read of each gradient for the norm and no
@@ -297,6 +328,13 @@ class FusedAdam(keras.optimizers.Adam):
         index = self._get_variable_index(variable)
         step = ops.cast(self.iterations + 1, variable.dtype)
         beta_1, beta_2 = (ops.cast(b, variable.dtype) for b in (self.beta_1, self.beta_2))
+        scale = getattr(self, "_step_scales", {}).get(self._var_key(variable))
+        if scale is not None:
+            lr = ops.cast(learning_rate, variable.dtype) * ops.sqrt(1.0 - ops.power(beta_2, step))
+            lr = lr / (1.0 - ops.power(beta_1, step))
+            moments = (self._momentums[index].value, self._velocities[index].value)
+            grad = tf.convert_to_tensor(ops.cast(gradient, variable.dtype))
+            return scaled_adam(variable, *moments, grad, scale, lr, beta_1, beta_2, self.epsilon)
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle,
             m=self._momentums[index].value.handle,

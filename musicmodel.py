@@ -410,7 +410,22 @@ def build_model(
     # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
     jit_compile = config.jit_compile and not tf.distribute.has_strategy()
     compile_model(model, config.learning_rate, config.max_grad_norm, jit_compile=jit_compile)
+    if model.sampler is not None and config.sampled_steps == "scaled":
+        scale_sampled_steps(model)
     return model
+
+
+def scale_sampled_steps(model: MusicModel) -> None:
+    """Scales the Adam steps of each song's output row (kernel column or tied embedding row,
+    and bias) by pi^(-1/4), pi the chance that the row is among a step's negatives."""
+    scale = model.sampler.step_scales(model.num_sampled)
+    if model.tie_embeddings:  # row s + 1 embeds song s; the padding row keeps its steps
+        rows = [(model.embedding.embeddings, np.insert(scale, 0, 1.0)[:, None])]
+        rows.append((model.output_bias, scale))
+    else:
+        rows = [(model.head.kernel, scale), (model.head.bias, scale)]
+    for variable, row_scale in rows:
+        model.optimizer.scale_steps(variable, row_scale)
 
 
 def compile_model(

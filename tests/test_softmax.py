@@ -133,6 +133,59 @@ def test_fused_adam_takes_keras_adams_steps():
     assert not np.allclose(runs[0][0], start[0])  # the steps did move the weights
 
 
+def test_scaled_steps_are_keras_adams_steps_times_the_scale():
+    # Adam's moments do not depend on the weights, so with the same gradients every step of a
+    # scaled entry is `scale` x Keras' step, and so is the sum of 4 steps. Column 1 gets no
+    # gradient at steps 0 and 2 (not sampled) and still moves on its momentum. Step 0 of a
+    # column with gradient moves lr x scale: m / sqrt(v) = 0.1 g / sqrt(0.001 g^2) = sqrt(10),
+    # lr_t = lr sqrt(0.001) / 0.1, so the step is lr (up to epsilon).
+    import keras
+    import tensorflow as tf
+
+    start = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+    scale = np.array([1.0, 3.0, 0.5], np.float32)
+    grads = [[[0.5, 0.0, -1.0], [2.0, 0.0, 0.1]], [[0.3, 0.4, 0.2], [-0.1, 1.0, 0.2]]] * 2
+    moved = []
+    for optimizer in (keras.optimizers.Adam, kernels.FusedAdam):
+        variable = keras.Variable(start)
+        opt = optimizer(0.1, global_clipnorm=5.0)
+        opt.build([variable])
+        if optimizer is kernels.FusedAdam:
+            opt.scale_steps(variable, scale)
+        for step, grad in enumerate(grads):
+            opt.apply([tf.constant(grad, tf.float32)], [variable])
+            if step == 0:
+                first = variable.numpy() - start
+        moved.append(variable.numpy() - start)
+    np.testing.assert_allclose(first[:, [0, 2]], [[-0.1, 0.05], [-0.1, -0.05]], atol=1e-5)
+    np.testing.assert_allclose(first[:, 1], 0.0)
+    np.testing.assert_allclose(moved[1], moved[0] * scale, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_sampled_output_rows_step_by_their_chance_to_be_sampled(tie_embeddings):
+    # counts 9, 0, 0, ...: Q = 10/20 for song 0 and 1/20 for the 10 others; 2 draws a step
+    # include song 0 with pi = 1 - 0.5^2 = 0.75, another with 1 - 0.95^2 = 0.0975, so their
+    # output rows and biases take pi^(-1/4) = 1.0746 and 1.7896 x the steps of plain Adam.
+    # The first step sees the same gradients (same weights, same negatives) with both.
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=8)
+    counts = np.array([9] + [0] * (NUM_SONGS - 1))
+    moved = {}
+    for steps in ("scaled", "plain"):
+        model = tiny_model(
+            softmax="sampled", num_sampled=2, song_counts=counts, sampled_steps=steps,
+            tie_embeddings=tie_embeddings,
+        )  # fmt: skip
+        before = [np.asarray(w) for w in model.output_layer()]
+        model.fit(yes_reader.to_dataset(windows).take(1), verbose=0)
+        after = [np.asarray(w) for w in model.output_layer()]
+        moved[steps] = [a - b for a, b in zip(after, before, strict=True)]
+    expected = np.array([0.75**-0.25] + [(1 - 0.95**2) ** -0.25] * (NUM_SONGS - 1))
+    for scaled, plain in zip(moved["scaled"], moved["plain"], strict=True):
+        assert np.abs(plain).max() > 1e-4  # the step moved the rows
+        np.testing.assert_allclose(scaled, plain * expected, rtol=1e-4, atol=1e-6)
+
+
 def test_keras_still_has_the_private_adam_api_fused_adam_uses():
     # kernels.FusedAdam overrides Adam._clip_gradients and reads _get_variable_index, _momentums
     # and _velocities; setup.py pins the Keras releases that have them. A Keras that renames or
