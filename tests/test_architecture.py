@@ -4,8 +4,10 @@ allows (so there are no cycles), every module has a paragraph, and none is over 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 
+import config
 from conftest import ROOT
 
 MAX_LINES = 450
@@ -60,3 +62,11 @@ def test_setup_installs_every_module():
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and n.keywords)
     listed = next(k.value for k in call.keywords if k.arg == "py_modules")
     assert sorted(ast.literal_eval(listed)) == modules()
+
+
+def test_readme_flag_tables_list_every_flag():
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `--")]
+    listed = {name for row in rows for name in re.findall(r"`--(\w+)`", row.split(" | ")[0])}
+    missing = [f.name for f in dataclasses.fields(config.Config) if f.name not in listed]
+    assert not missing, f"flags without a row in README's flag tables: {missing}"
