@@ -1,4 +1,4 @@
-"""The audio task's two heads on the shared recurrent stack (`musicmodel.recurrent_stack`).
+"""The audio task's two heads on the shared recurrent stack (`recurrent.recurrent_stack`).
 
 `AudioFeatureModel` is the GRU report's regression: the next `pred_steps` audio-feature vectors
 after `seq_len` plays. `AudioRankingModel` ranks candidate songs: a learned weighting of each
@@ -15,6 +15,7 @@ from keras import layers, ops
 import config as config_lib
 import musicmodel
 import priors
+import recurrent
 
 NEG = -1e9  # the logit of a padding candidate
 PRIOR_HIDDEN = 8  # units of the priors' residual MLP (chosen on harry2687's validation split)
@@ -57,22 +58,20 @@ class AudioFeatureModel(keras.Model):
         self.num_features, self.seq_len, self.pred_steps = num_features, seq_len, pred_steps
         self.cell, self.num_layers, self.hidden_size = cell, num_layers, hidden_size
         self.dropout = dropout
-        self.rnns = musicmodel.recurrent_stack(
+        self.rnns = recurrent.recurrent_stack(
             cell, num_layers, hidden_size, dropout, fixed_length=True
         )
         self.head = layers.Dense(pred_steps * num_features, name="next_features")
 
     def get_config(self) -> dict:
-        return musicmodel.saved_config(self, super().get_config())
+        return recurrent.saved_config(self, super().get_config())
 
     def build(self, input_shape=None) -> None:
         self.call(ops.zeros((1, self.seq_len, self.num_features)))
         self.built = True
 
     def call(self, features, training: bool = False):
-        x, _ = musicmodel.run_stack(
-            self.rnns, features, [None] * self.num_layers, training=training
-        )
+        x, _ = recurrent.run_stack(self.rnns, features, [None] * self.num_layers, training=training)
         y = self.head(x[:, -1])
         return ops.reshape(y, (-1, self.pred_steps, self.num_features))
 
@@ -88,7 +87,7 @@ def build_audio_model(config: config_lib.Config, num_features: int) -> AudioFeat
     )
     model.build()
     loss = AUDIO_LOSSES[config.loss]()
-    musicmodel.compile_model(
+    recurrent.compile_model(
         model, config.learning_rate, config.max_grad_norm, loss, jit_compile=True
     )
     return model
@@ -159,12 +158,12 @@ class AudioRankingModel(keras.Model):
                 self.embedding = layers.Embedding(
                     num_songs + 1, sizes["embedding_size"], name="song_embedding"
                 )
-            (self.gru,) = musicmodel.recurrent_stack("gru", 1, sizes["hidden_size"], 0.0, True)
+            (self.gru,) = recurrent.recurrent_stack("gru", 1, sizes["hidden_size"], 0.0, True)
             self.to_query = layers.Dense(sizes["dim"], name="query")
             self.to_key = layers.Dense(sizes["dim"], kernel_initializer="zeros", name="key")
 
     def get_config(self) -> dict:
-        return musicmodel.saved_config(self, super().get_config())
+        return recurrent.saved_config(self, super().get_config())
 
     def build(self, input_shape=None) -> None:
         shapes = {"x_ids": (1, 2), "w_ids": (1, 2), "o_ids": (1, 2), "o_logq": (1, 2)}
@@ -225,5 +224,5 @@ def build_ranking_model(
     )
     model.build()
     loss = [CandidateSoftmax(), CandidateSoftmax()]
-    musicmodel.compile_model(model, config.ranking_learning_rate, config.max_grad_norm, loss)
+    recurrent.compile_model(model, config.ranking_learning_rate, config.max_grad_norm, loss)
     return model

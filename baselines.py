@@ -109,6 +109,28 @@ def transition_counts(playlists: Sequence[np.ndarray], num_songs: int) -> sp.csr
     return sp.csr_matrix((np.ones(len(a)), (a, j)), shape=shape)  # duplicates are summed
 
 
+def successor_table(
+    playlists: Sequence[np.ndarray], num_songs: int, width: int
+) -> dict[str, np.ndarray]:
+    """The `transitions.TransitionMixture` tables of token `playlists` (token = song id + 1).
+
+    Returns:
+      {"successors": int32 [num_songs + 1, width] song ids (row t: the successors of token t,
+      most frequent first; row 0, padding, is empty), "counts": float32 of the same shape (0 in
+      unused slots), "popularity": float32 [num_songs], add-one smoothed}.
+    """
+    matrix = transition_counts(playlists, num_songs)
+    successors = np.zeros((num_songs + 1, width), np.int32)
+    counts = np.zeros((num_songs + 1, width), np.float32)
+    for song in range(num_songs):
+        lo, hi = matrix.indptr[song], matrix.indptr[song + 1]
+        top = np.argsort(-matrix.data[lo:hi], kind="stable")[:width]
+        successors[song + 1, : len(top)] = matrix.indices[lo:hi][top]
+        counts[song + 1, : len(top)] = matrix.data[lo:hi][top]
+    popularity = popularity_probabilities(song_counts(playlists, num_songs)).astype(np.float32)
+    return {"successors": successors, "counts": counts, "popularity": popularity}
+
+
 class Markov:
     """p(j|a) = λ_a n_aj/n_a + (1-λ_a) p_pop(j), λ_a = n_a/(n_a+β), a = last song of the history.
 

@@ -102,6 +102,8 @@ class Config:
         tasks=NEXT_SONG,
     )
     side_features: str = flagspec.side_features()
+    transition: str = flagspec.transition()
+    transition_width: int = flagspec.transition_width()
     cold_fraction: float = flagspec.cold_fraction()
     batch_size: int = _field(
         100, "training", "Playlists per batch (UCL report: 100).", bound=POSITIVE

@@ -108,6 +108,23 @@ def cold_fraction() -> Any:
     return field(0.0, "data", text, tasks=NEXT_SONG, bound=FRACTION)
 
 
+TRANSITIONS = ("none", "markov")  # see transitions.py
+
+
+def transition() -> Any:
+    """`--transition` (a model flag of --task=next_song)."""
+    text = "markov: mix first-order transition counts of the training playlists into the "
+    text += "softmax by a learned per-event gate, trained end to end (transitions.py); needs "
+    text += "--softmax=full."
+    return field("none", "model", text, choices=TRANSITIONS, tasks=NEXT_SONG)
+
+
+def transition_width() -> Any:
+    """`--transition_width` (a model flag of --task=next_song)."""
+    text = "With --transition: each song keeps its this many most frequent successors."
+    return field(128, "model", text, bound=POSITIVE, tasks=NEXT_SONG)
+
+
 VALID_SPLITS = ("auto", "random", "tail")  # see yes_reader.split_validation
 
 

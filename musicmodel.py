@@ -1,7 +1,7 @@
-"""Recurrent music models: the shared LSTM|GRU stack, the next-song model and `compile_model`.
+"""The next-song model: `MusicModel`, its loss, and `build_model` from the `Config`.
 
-`MusicModel` is song embedding -> `num_layers` x LSTM or GRU -> dense logits over the catalog.
-The audio task's models (`audiomodel.py`) read audio-feature vectors through the same stack.
+`MusicModel` is song embedding -> `num_layers` x LSTM or GRU (`recurrent.py`, the stack the audio
+task's models share) -> dense logits over the catalog.
 Training feeds `num_steps` windows of a batch one after the other; the final recurrent state of a
 window is kept in non-trainable variables and used as the initial state of the next window, except
 in rows whose `reset` flag is set (a new playlist starts there), which start from zeros.
@@ -18,39 +18,9 @@ import config as config_lib
 import kernels
 import metrics
 import songrows
+import transitions
 from errors import ConfigError
-
-
-def recurrent_stack(
-    cell: str, num_layers: int, hidden_size: int, dropout: float, fixed_length: bool = False
-) -> list:
-    """`num_layers` LSTM or GRU layers that return sequences and their final states.
-
-    `fixed_length` is for short inputs of a length known when the model is built: GRU layers are
-    then `FixedLengthGRU`s and LSTM layers unrolled Keras LSTMs.
-    """
-    if fixed_length and cell == "gru":
-        return [
-            kernels.FixedLengthGRU(hidden_size, dropout, name=f"gru_{i}") for i in range(num_layers)
-        ]
-    layer_class = {"lstm": layers.LSTM, "gru": layers.GRU}[cell]
-    options = dict(return_sequences=True, return_state=True, dropout=dropout, unroll=fixed_length)
-    return [layer_class(hidden_size, name=f"{cell}_{i}", **options) for i in range(num_layers)]
-
-
-def saved_config(model: keras.Model, base: dict) -> dict:
-    """`base` (Keras' own config) plus the constructor arguments `model.SAVED`, as attributes of
-    the same names: what `keras.saving.load_model` rebuilds the model from."""
-    return {**base, **{name: getattr(model, name) for name in model.SAVED}}
-
-
-def run_stack(rnns: list, x, states: list, training: bool = False):
-    """Runs the stacked layers. `states` has one list of state tensors per layer."""
-    finals = []
-    for rnn, initial in zip(rnns, states, strict=True):
-        x, *final = rnn(x, initial_state=initial, training=training)
-        finals.append(final)
-    return x, finals
+from recurrent import compile_model, recurrent_stack, run_stack, saved_config
 
 
 def masked_cross_entropy(targets, logits, weights, total_weight=None):
@@ -78,18 +48,10 @@ def weighted_mean(per_event, weights, total_weight=None):
 EVAL_CHUNK = 256  # events scored at once in evaluation: 256 x 9,775 logits = 10 MB
 
 
-def real_events(queries, targets, weights):
-    """The real events (weight > 0) of a window, in order, without the padding.
-
-    Args:
-      queries: float32 [batch, time, dims]; targets: int32 [batch, time]; weights: float32
-        [batch, time], 0 at padding.
-
-    Returns:
-      (queries float32 [events, dims], targets int32 [events], weights float32 [events]).
-    """
-    real = weights > 0
-    return tuple(tf.boolean_mask(t, real) for t in (queries, targets, weights))
+def real_events(weights, *tensors):
+    """`tensors` [batch, time, ...] at the real events (`weights` [batch, time] > 0), in order,
+    without the padding: each [events, ...]."""
+    return tuple(tf.boolean_mask(t, weights > 0) for t in tensors)
 
 
 @keras.saving.register_keras_serializable(package="deepcf")
@@ -110,11 +72,14 @@ class MusicModel(keras.Model):
     each song's vector and bias from its own row (initially 0) plus its artist's and tags' rows
     (`songrows.SideRows`, from `song_artists`, `song_tags`); songs with no training events
     (`song_counts` 0) are left out of the training softmax and score through those rows alone.
+    `transition="markov"` mixes a transition component into the softmax by a learned per-event
+    gate (`transitions.TransitionMixture`, from `transition_tables`); logits are then the
+    mixture's log-probabilities.
     """
 
     SAVED = ("num_songs", "cell", "num_layers", "embedding_size", "hidden_size", "dropout")
     SAVED += ("batch_size", "tie_embeddings", "loss_weighting")
-    SAVED += ("side_features", "num_artists", "num_tags")
+    SAVED += ("side_features", "num_artists", "num_tags", "transition", "transition_width")
 
     def __init__(
         self,
@@ -136,6 +101,9 @@ class MusicModel(keras.Model):
         num_tags: int = 0,
         song_artists: np.ndarray | None = None,
         song_tags: np.ndarray | None = None,
+        transition: str = "none",
+        transition_width: int = 128,
+        transition_tables: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -151,7 +119,7 @@ class MusicModel(keras.Model):
             raise ConfigError(f"--softmax={softmax!r}: must be full or sampled")
         self.side_features, self.num_artists, self.num_tags = side_features, num_artists, num_tags
         side = side_features != "none"
-        check_side_features(side_features, softmax, tie_embeddings)
+        songrows.check_side_features(side_features, softmax, tie_embeddings)
         self.embedding = layers.Embedding(
             num_songs + 1, embedding_size, "zeros" if side else "uniform", name="song_embedding"
         )
@@ -187,6 +155,13 @@ class MusicModel(keras.Model):
                 ]
                 for i in range(num_layers)
             ]
+        transitions.check_transition(transition, softmax)
+        self.transition, self.transition_width, self.mixture = transition, transition_width, None
+        if transition != "none":
+            dims = embedding_size if tie_embeddings else hidden_size
+            self.mixture = transitions.TransitionMixture(
+                num_songs, transition_width, dims, transition_tables, name="transition"
+            )
         self.ranking = metrics.RankingMetrics()
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
@@ -228,18 +203,22 @@ class MusicModel(keras.Model):
             return ops.transpose(vectors), bias
         return self.head.kernel, self.head.bias
 
-    def scores(self, queries):
-        """Logits float32 [..., songs] of `features` queries [..., dims], in float32 whatever
-        the dtype policy (bfloat16 logits would tie many songs in the ranking)."""
+    def scores(self, queries, tokens):
+        """Logits float32 [..., songs] of `features` queries [..., dims] after `tokens` [...],
+        in float32 whatever the dtype policy (bfloat16 logits would tie many songs)."""
         if self.tie_embeddings:
             kernel, bias = self.output_layer()
-            return ops.matmul(ops.cast(queries, "float32"), kernel) + bias
-        return self.head(queries)
+            logits = ops.matmul(ops.cast(queries, "float32"), kernel) + bias
+        else:
+            logits = self.head(queries)
+        if self.mixture is None:
+            return logits
+        return self.mixture.log_mixture(logits, queries, tokens)
 
     def forward(self, tokens, states: list, training: bool = False):
         """Pure forward pass: (logits [batch, time, songs], final states)."""
         queries, finals = self.features(tokens, states, training=training)
-        return self.scores(queries), finals
+        return self.scores(queries, tokens), finals
 
     def call(self, inputs, training: bool = False, queries: bool = False):
         """Runs a window from the carried state and carries its final state to the next window.
@@ -283,16 +262,19 @@ class MusicModel(keras.Model):
                 per_event, loss = masked_cross_entropy(targets, logits, weights, count)
             else:
                 queries = self((tokens, reset), training=True, queries=True)
+                events = (queries, targets, weights, tokens)
                 if self.jit_compile:  # XLA needs static shapes: every position gets logits
-                    queries, targets, weights = (
-                        ops.reshape(t, (-1, *t.shape[2:])) for t in (queries, targets, weights)
-                    )
+                    events = (ops.reshape(t, (-1, *t.shape[2:])) for t in events)
                 else:  # only the real events get logits: padding is ~half of a training window
-                    queries, targets, weights = real_events(queries, targets, weights)
+                    events = real_events(weights, *events)
+                queries, targets, weights, tokens = events
                 kernel, bias = map(tf.convert_to_tensor, self.output_layer(training=True))
                 if self.side is not None:
                     bias = bias + songrows.UNSEEN_LOGIT * self.side.unseen
                 per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
+                if self.mixture is not None:  # each event left out of the transition counts
+                    log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
+                    per_event = -log_p
                 loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
@@ -330,17 +312,18 @@ class MusicModel(keras.Model):
         """
         (tokens, reset), targets, weights = data
         queries = self((tokens, reset), training=False, queries=True)
-        queries, targets, weights = real_events(queries, targets, weights)
+        queries, targets, weights, tokens = real_events(weights, queries, targets, weights, tokens)
         real = tf.size(weights)
 
         def score_chunk(start):
-            logits = self.scores(queries[start : start + EVAL_CHUNK])
-            chunk_targets = targets[start : start + EVAL_CHUNK]
+            chunk = slice(start, start + EVAL_CHUNK)
+            logits = self.scores(queries[chunk], tokens[chunk])
+            chunk_targets = targets[chunk]
             log_probs = -ops.sparse_categorical_crossentropy(
                 chunk_targets, logits, from_logits=True
             )
             ranks = metrics.pessimistic_ranks(logits, chunk_targets)
-            chunk_weights = weights[start : start + EVAL_CHUNK]
+            chunk_weights = weights[chunk]
             self.ranking.update_state(ranks, log_probs, sample_weight=chunk_weights)
             return start + EVAL_CHUNK
 
@@ -354,14 +337,6 @@ def check_num_sampled(num_sampled: int, num_songs: int) -> None:
         raise ConfigError(
             f"--num_sampled={num_sampled}: must be in 1..{num_songs - 1} "
             f"(the catalog has {num_songs} songs)"
-        )
-
-
-def check_side_features(side_features: str, softmax: str, tie_embeddings: bool) -> None:
-    """Raises `ConfigError` naming --side_features unless "none" or with tied rows, full softmax."""
-    if side_features != "none" and (softmax != "full" or not tie_embeddings):
-        raise ConfigError(
-            f"--side_features={side_features}: needs --tie_embeddings and --softmax=full"
         )
 
 
@@ -380,6 +355,7 @@ def build_model(
     num_songs: int,
     song_counts: np.ndarray | None = None,
     side: dict | None = None,
+    transition_tables: dict | None = None,
 ) -> MusicModel:
     """A built `MusicModel` of the `--task=next_song` flags, compiled with Adam (clipping by
     global norm; XLA if `--jit_compile`, except under a `tf.distribute` strategy); its layers
@@ -391,6 +367,7 @@ def build_model(
         `--softmax=sampled` (default: uniform).
       side: with --side_features, the `MusicModel` arguments `num_artists`, `num_tags`,
         `song_artists`, `song_tags` (`coldstart.SideFeatures.model_args`).
+      transition_tables: with --transition, `transitions.successor_table` of the training data.
     """
     with kernels.precision_policy(config.precision):  # for the layers created here
         model = MusicModel(
@@ -403,6 +380,9 @@ def build_model(
             num_sampled=config.num_sampled,
             song_counts=song_counts,
             side_features=config.side_features,
+            transition=config.transition,
+            transition_width=config.transition_width,
+            transition_tables=transition_tables,
             **(side or {}),
             **stack_args(config),
         )
@@ -426,23 +406,3 @@ def scale_sampled_steps(model: MusicModel) -> None:
         rows = [(model.head.kernel, scale), (model.head.bias, scale)]
     for variable, row_scale in rows:
         model.optimizer.scale_steps(variable, row_scale)
-
-
-def compile_model(
-    model: keras.Model,
-    learning_rate: float,
-    max_grad_norm: float,
-    loss: keras.losses.Loss | None = None,
-    jit_compile: bool = False,
-) -> None:
-    """Adam with global-norm clipping; builds the optimizer so checkpoints can restore into it.
-
-    `loss` is for models trained by Keras' own `train_step` (`MusicModel` computes its own);
-    `jit_compile` XLA-compiles the train step.
-    """
-    model.compile(
-        optimizer=kernels.FusedAdam(learning_rate, global_clipnorm=max_grad_norm),
-        loss=loss,
-        jit_compile=jit_compile,
-    )
-    model.optimizer.build(model.trainable_variables)

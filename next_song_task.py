@@ -9,6 +9,7 @@ import keras
 import numpy as np
 from absl import logging
 
+import baselines
 import blend
 import cluster
 import coldstart
@@ -21,6 +22,8 @@ import musicmodel
 import names
 import rundir
 import serving
+import songrows
+import transitions
 import warmstart
 import yes_reader
 from errors import ConfigError
@@ -112,7 +115,8 @@ class NextSongTask:
         )
         if config.softmax == "sampled":  # before anything is written
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
-        musicmodel.check_side_features(config.side_features, config.softmax, config.tie_embeddings)
+        songrows.check_side_features(config.side_features, config.softmax, config.tie_embeddings)
+        transitions.check_transition(config.transition, config.softmax)
         side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
         keys = importer.catalog_keys(config.data_dir, data.catalog.titles, data.catalog.artists)
         source = load_init_source(config)
@@ -147,7 +151,12 @@ class NextSongTask:
         songs = data.catalog.size
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
         with strategy.scope():
-            model = musicmodel.build_model(config, songs, counts, side and side.model_args())
+            tables = None
+            if config.transition != "none":  # the same playlists as the training windows
+                tables = baselines.successor_table(data.train, songs, config.transition_width)
+            model = musicmodel.build_model(
+                config, songs, counts, side and side.model_args(), tables
+            )
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)

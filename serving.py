@@ -62,7 +62,8 @@ def ranking_function(
     def ranked_songs(tokens, length):
         queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
         last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
-        logits = model.scores(last)  # [batch, songs]; ranked as they are, no softmax pass
+        last_songs = tf.gather(tokens, length - 1, batch_dims=1)
+        logits = model.scores(last, last_songs)  # [batch, songs]; ranked as they are
         log_norm = tf.reduce_logsumexp(logits, -1, keepdims=True)
         if exclude_history:  # song t - 1 of token t gets -inf; padding (token 0) keeps column 0
             rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))

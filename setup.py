@@ -39,6 +39,8 @@ setup(
         "coldstart",
         "songrows",
         "warmstart",
+        "transitions",
+        "recurrent",
     ],
     install_requires=[
         "tensorflow>=2.16",

@@ -7,8 +7,18 @@ import keras
 import numpy as np
 from keras import ops
 
+from errors import ConfigError
+
 UNSEEN_LOGIT = -1e9  # added in training to the logits of songs that are never a training target
 OWN_ROW_DROPOUT = 0.5  # a song's own rows are dropped in a training step this often
+
+
+def check_side_features(side_features: str, softmax: str, tie_embeddings: bool) -> None:
+    """Raises `ConfigError` naming --side_features unless "none" or with tied rows, full softmax."""
+    if side_features != "none" and (softmax != "full" or not tie_embeddings):
+        raise ConfigError(
+            f"--side_features={side_features}: needs --tie_embeddings and --softmax=full"
+        )
 
 
 class SideRows(keras.layers.Layer):

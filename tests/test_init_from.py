@@ -65,6 +65,11 @@ def test_other_settings_or_shapes_are_refused():
     for new, old in ((with_side, plain), (plain, with_side)):
         with pytest.raises(ConfigError, match=r"--init_from=o: that model has side_features="):
             warmstart.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
+    # So does the transition component (its gate and β).
+    mixed = musicmodel.build_model(dataclasses.replace(tied, transition="markov"), 3)
+    for new, old in ((mixed, plain), (plain, mixed)):
+        with pytest.raises(ConfigError, match=r"--init_from=o: that model has transition="):
+            warmstart.init_from(new, old, ["a"] * 3, ["a"] * 3, "--init_from=o")
 
 
 @pytest.fixture(scope="module")

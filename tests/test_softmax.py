@@ -387,7 +387,8 @@ def test_bfloat16_model_trains_in_mixed_precision_and_scores_in_float32(caplog, 
     losses = model.fit(yes_reader.to_dataset(windows).repeat(20), verbose=0).history["loss"]
     assert np.isfinite(losses[-1]) and losses[-1] < np.log(NUM_SONGS)
     queries, _ = model.features(windows.inputs[0], model.zero_state(3))
-    assert queries.dtype == tf.bfloat16 and model.scores(queries).dtype == tf.float32
+    scores = model.scores(queries, windows.inputs[0])
+    assert queries.dtype == tf.bfloat16 and scores.dtype == tf.float32
     results = model.evaluate(yes_reader.to_dataset(windows), verbose=0, return_dict=True)
     assert np.isfinite(results["loss"]) and results["events"] == windows.events
 

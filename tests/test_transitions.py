@@ -1,0 +1,139 @@
+"""`--transition=markov`: the transition tables, the gated mixture worked by hand, and a trained
+model whose evaluation and serving match the Markov baseline mixed in by its own gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import expit, log_softmax
+
+import baselines
+import config as config_lib
+import musicmodel
+import next_song_task
+import serving
+import transitions
+import yes_reader
+from conftest import run_cli, train_small
+from errors import ConfigError
+
+# Tokens (song id + 1) of four playlists over 5 songs. Transitions (song ids): 0->1 three times,
+# 1->2 three times, 2->3, 2->4, 3->4, 4->0. Song occurrences 3, 4, 3, 2, 2 of 14.
+PLAYLISTS = [np.array(p) for p in ([1, 2, 3, 4], [2, 3, 5], [1, 2, 3], [4, 5, 1, 2])]
+
+
+def test_successor_table_keeps_the_most_frequent_successors_by_token():
+    table = baselines.successor_table(PLAYLISTS, 5, 3)
+    assert table["successors"][:, 0].tolist() == [0, 1, 2, 3, 4, 0]
+    assert table["successors"][3].tolist() == [3, 4, 0]  # token 3 = song 2: a tie, id order
+    assert table["counts"].tolist() == [
+        [0, 0, 0], [3, 0, 0], [3, 0, 0], [1, 1, 0], [1, 0, 0], [1, 0, 0]
+    ]  # fmt: skip
+    np.testing.assert_allclose(table["popularity"], np.array([4, 5, 4, 3, 3]) / 19)
+    cut = baselines.successor_table(PLAYLISTS, 5, 1)
+    assert cut["successors"][3].tolist() == [3] and cut["counts"][3].tolist() == [1]
+
+
+def mixture(width: int, dims: int = 2) -> transitions.TransitionMixture:
+    """A mixture over `PLAYLISTS` with β = 2 and a new gate: zero weights, g = 1/2."""
+    layer = transitions.TransitionMixture(
+        5, width, dims, baselines.successor_table(PLAYLISTS, 5, width)
+    )
+    layer.log_beta.assign(np.log(2.0))
+    return layer
+
+
+def test_target_probability_worked_by_hand_with_and_without_leave_one_out():
+    layer = mixture(width=3)
+    queries, tokens, targets = np.zeros((1, 2), np.float32), np.array([2]), np.array([2])
+    log_p_model = np.log(np.array([0.1], np.float32))
+    # Song 1 -> song 2: n_aj = n_a = 3; p_pop(2) = 4/19; q = (3 + 2 * 4/19) / (3 + 2) = 13/19.
+    p = np.exp(layer.target_log_prob(log_p_model, queries, tokens, targets, False))
+    np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 13 / 19], rtol=1e-6)
+    # Left out: n_aj = n_a = 2; q = (2 + 8/19) / (2 + 2) = 23/38.
+    p = np.exp(layer.target_log_prob(log_p_model, queries, tokens, targets, True))
+    np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 23 / 38], rtol=1e-6)
+    # Width 1 cuts song 2 -> song 4 (a tie, later id): nothing of it to leave out, n_a = 1;
+    # q = (0 + 2 * 3/19) / (1 + 2) = 2/19.
+    p = np.exp(mixture(width=1).target_log_prob(log_p_model, queries, [3], [4], True))
+    np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 2 / 19], rtol=1e-6)
+
+
+def test_full_rows_are_distributions_that_agree_with_the_target_path():
+    layer = mixture(width=3)
+    layer.gate.kernel.assign(np.array([[0.5], [-1.0], [0.3]], np.float32))
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
+    queries = rng.normal(size=(2, 3, 2)).astype(np.float32)
+    tokens = np.array([[1, 2, 3], [0, 4, 5]])  # 0: padding, scored by popularity alone
+    log_p = np.asarray(layer.log_mixture(logits, queries, tokens))
+    np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, rtol=1e-5)
+    for target in range(5):
+        targets = np.full(6, target)
+        at_target = np.take_along_axis(log_softmax(logits, -1).reshape(6, 5), targets[:, None], 1)
+        expected = layer.target_log_prob(
+            at_target[:, 0], queries.reshape(6, 2), tokens.reshape(6), targets, False
+        )
+        np.testing.assert_allclose(log_p.reshape(6, 5)[:, target], expected, rtol=1e-5)
+
+
+def test_transition_needs_the_full_softmax(small_slice, tmp_path):
+    with pytest.raises(ConfigError, match="--transition=markov: needs --softmax=full"):
+        transitions.check_transition("markov", "sampled")
+    result = run_cli(
+        "--mode=train", f"--data_dir={small_slice}", f"--model_dir={tmp_path / 'run'}",
+        "--transition=markov", "--softmax=sampled", "--num_sampled=64",
+    )  # fmt: skip
+    assert result.returncode != 0 and "--transition=markov: needs --softmax=full" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(small_slice, tmp_path_factory) -> config_lib.Config:
+    return train_small(
+        small_slice, tmp_path_factory.mktemp("run"), num_epochs=2, transition="markov",
+        transition_width=300,  # above every song's successors: the counts are whole
+    )  # fmt: skip
+
+
+def reference_mixture(model, data: yes_reader.YesData, playlists: list) -> np.ndarray:
+    """float64 [events, songs]: the Markov baseline (β = the model's) mixed with the model's
+    own softmax by the gate's weights, worked out in numpy from the loaded weights."""
+    beta = float(np.exp(model.mixture.log_beta))
+    markov = baselines.Markov(data.train, [], data.catalog.size, beta)
+    rows = []
+    for playlist in playlists:
+        tokens = np.asarray(playlist, np.int32)[None, :-1]
+        queries, _ = model.features(tokens, model.zero_state(1))
+        queries = np.asarray(queries, np.float64)[0]
+        p_model = np.exp(log_softmax(queries @ model.head.kernel.numpy() + model.head.bias, -1))
+        histories = [playlist[: t + 1] for t in range(len(playlist) - 1)]
+        last = np.array([h[-1] for h in histories]) - 1
+        log_n = np.log1p(markov.n_a[last])[:, None]
+        kernel, bias = model.mixture.gate.kernel.numpy(), model.mixture.gate.bias.numpy()
+        g = expit(np.concatenate([queries, log_n], 1) @ kernel + bias)
+        shifted = [h - 1 for h in histories]  # Markov reads song ids
+        rows.append(g * p_model + (1 - g) * markov.probabilities(shifted))
+    return np.concatenate(rows)
+
+
+def test_trained_model_scores_like_the_markov_baseline_behind_its_gate(trained):
+    model = next_song_task.load_trained(trained, 3168)
+    data = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed)
+    test = [p for p in data.test if len(p) >= 2][:30]
+    expected = reference_mixture(model, data, test)
+    targets = np.concatenate([p[1:] - 1 for p in test])
+    musicmodel.compile_model(model, trained.learning_rate, trained.max_grad_norm)
+    windows = yes_reader.make_windows(test, model.batch_size, trained.num_steps)
+    report = next_song_task.evaluate_windows(model, windows)
+    target_p = expected[np.arange(len(targets)), targets]
+    ranks = (expected >= target_p[:, None]).sum(1)
+    assert report["recall@20"] == pytest.approx(np.mean(ranks <= 20), abs=1e-6)
+    assert report["log_likelihood"] == pytest.approx(np.mean(np.log(target_p)), rel=1e-4)
+    # Serving ranks the same mixture after the whole history.
+    history = test[0] - 1
+    recommend = serving.ranking_function(model, exclude_history=False)
+    got = recommend(history[None].astype(np.int32), np.array([len(history)], np.int32), 5)
+    last = reference_mixture(model, data, [np.r_[test[0], 1]])[-1]
+    np.testing.assert_array_equal(got["song_ids"][0], np.argsort(-last, kind="stable")[:5])
+    np.testing.assert_allclose(got["scores"][0], np.sort(last)[::-1][:5], rtol=1e-4)

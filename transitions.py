@@ -1,0 +1,117 @@
+"""`--transition=markov`: a first-order transition component inside the next-song model.
+
+The model's distribution becomes a per-event mixture, trained end to end (issue 17):
+
+    p(j | history) = g p_rnn(j) + (1 - g) q(j | a),   a = the last song of the history,
+    q(j | a) = (n_aj + β p_pop(j)) / (n_a + β),
+    g = sigmoid(w · [query, log(1 + n_a)] + b),
+
+p_rnn the model's softmax, n_aj the training transitions a -> j among the `width` most frequent
+successors of a, n_a their sum, p_pop add-one smoothed popularity, β > 0 and the gate (w, b)
+learned with the network. In training each event leaves itself out of the counts (n_aj - 1,
+n_a - 1): the gate learns how far other playlists' transitions predict a next song, as they
+must for a history the counts have never seen. The tables (`baselines.successor_table`) are
+non-trainable weights of the model, so evaluation and serving need nothing else.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers, ops
+
+from errors import ConfigError
+from flagspec import TRANSITIONS
+
+INITIAL_BETA = 10.0  # the Markov baseline's grid chooses β of the order 1-100 on the shipped data
+
+
+def check_transition(transition: str, softmax: str) -> None:
+    """Raises `ConfigError` naming --transition unless "none" or with the full softmax."""
+    if transition not in TRANSITIONS:
+        raise ConfigError(f"--transition={transition!r}: must be one of {', '.join(TRANSITIONS)}")
+    if transition != "none" and softmax != "full":
+        raise ConfigError(f"--transition={transition}: needs --softmax=full")
+
+
+class TransitionMixture(keras.layers.Layer):
+    """The transition counts, β and the gate of the mixture above (module docstring)."""
+
+    def __init__(self, num_songs: int, width: int, dims: int, tables: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        tables = tables or {}
+        shape = (num_songs + 1, width)
+        self.successors = self.table("successors", shape, "int32", tables.get("successors"))
+        self.counts = self.table("counts", shape, "float32", tables.get("counts"))
+        self.popularity = self.table(
+            "popularity", (num_songs,), "float32", tables.get("popularity")
+        )
+        self.log_beta = self.add_weight(
+            shape=(), initializer=keras.initializers.Constant(np.log(INITIAL_BETA)), name="log_beta"
+        )
+        self.gate = layers.Dense(1, kernel_initializer="zeros", name="gate", dtype="float32")
+        self.gate.build((None, dims + 1))
+        self.built = True
+
+    def table(self, name: str, shape: tuple, dtype: str, value) -> keras.Variable:
+        """A non-trainable weight holding `value` (zeros until loaded if None)."""
+        var = self.add_weight(
+            shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name
+        )
+        if value is not None:
+            var.assign(np.asarray(value, dtype))
+        return var
+
+    def _mix(self, log_p_model, log_q, queries, n_a):
+        """log(g p_model + (1 - g) q) with g from `queries` [n, dims] and n_a [n]; log_p_model
+        and log_q [n] or [n, songs]."""
+        features = ops.concatenate([ops.cast(queries, "float32"), ops.log1p(n_a)[:, None]], -1)
+        z = self.gate(features)  # [n, 1]
+        if len(log_p_model.shape) == 1:
+            z = z[:, 0]
+        log_g, log_not_g = ops.log_sigmoid(z), ops.log_sigmoid(-z)
+        return ops.logaddexp(log_g + log_p_model, log_not_g + log_q)
+
+    def target_log_prob(self, log_p_model, queries, tokens, targets, leave_one_out: bool):
+        """float32 [n]: log p(target) of the mixture for n events.
+
+        Args:
+          log_p_model: float32 [n], the model's log-softmax at the target; queries [n, dims];
+          tokens: int32 [n], the last song of each history (token = song id + 1);
+          targets: int32 [n] song ids; leave_one_out: each event is itself one of the counts.
+        """
+        successors = ops.take(self.successors, tokens, axis=0)
+        counts = ops.take(self.counts, tokens, axis=0)
+        n_a = ops.sum(counts, -1)
+        hit = ops.cast(successors == ops.expand_dims(ops.cast(targets, "int32"), -1), "float32")
+        n_aj = ops.sum(counts * hit, -1)
+        if leave_one_out:  # the event's own transition, unless cut by the width
+            own = ops.cast(n_aj > 0, "float32")
+            n_aj, n_a = n_aj - own, n_a - own
+        beta = ops.exp(self.log_beta)
+        log_q = ops.log(n_aj + beta * ops.take(self.popularity, targets)) - ops.log(n_a + beta)
+        return self._mix(log_p_model, log_q, queries, n_a)
+
+    def log_mixture(self, logits, queries, tokens):
+        """float32 [..., songs]: log p(j | history) of the mixture for every song j.
+
+        Args:
+          logits: float32 [..., songs], the model's; queries [..., dims]; tokens: int [...],
+            the last song of each history.
+        """
+        shape = ops.shape(logits)
+        songs, dims = logits.shape[-1], queries.shape[-1]
+        logits = ops.reshape(logits, (-1, songs))
+        queries, tokens = ops.reshape(queries, (-1, dims)), ops.reshape(tokens, (-1,))
+        successors = ops.take(self.successors, tokens, axis=0)  # [n, width]
+        counts = ops.take(self.counts, tokens, axis=0)
+        rows = ops.broadcast_to(ops.arange(ops.shape(tokens)[0])[:, None], ops.shape(successors))
+        n_aj = tf.tensor_scatter_nd_add(
+            ops.zeros_like(logits), ops.stack([rows, successors], -1), counts
+        )
+        n_a = ops.sum(counts, -1)
+        beta = ops.exp(self.log_beta)
+        log_q = ops.log(n_aj + beta * self.popularity) - ops.log(n_a + beta)[:, None]
+        log_p_model = ops.log_softmax(logits, axis=-1)
+        return ops.reshape(self._mix(log_p_model, log_q, queries, n_a), shape)
