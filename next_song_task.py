@@ -100,6 +100,14 @@ def load_trained(config: config_lib.Config, num_songs: int) -> musicmodel.MusicM
     return model
 
 
+def transition_tables(config: config_lib.Config, data: yes_reader.YesData) -> dict | None:
+    """With --transition, the tables of the training playlists (those the windows are cut from,
+    so that each training event can leave itself out of the counts); else None."""
+    if config.transition == "none":
+        return None
+    return baselines.successor_table(data.train, data.catalog.size, config.transition_width)
+
+
 class NextSongTask:
     """Next-song classification over a Yes.com catalog."""
 
@@ -151,11 +159,8 @@ class NextSongTask:
         songs = data.catalog.size
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
         with strategy.scope():
-            tables = None
-            if config.transition != "none":  # the same playlists as the training windows
-                tables = baselines.successor_table(data.train, songs, config.transition_width)
             model = musicmodel.build_model(
-                config, songs, counts, side and side.model_args(), tables
+                config, songs, counts, side and side.model_args(), transition_tables(config, data)
             )
         callbacks = []
         if yes_reader.count_events(data.valid):

@@ -102,7 +102,8 @@ def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[di
     windows = yes_reader.make_windows(data.train, config.batch_size, config.num_steps)
     songs = data.catalog.size
     counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
-    model = musicmodel.build_model(config, songs, counts)
+    tables = next_song_task.transition_tables(config, data)
+    model = musicmodel.build_model(config, songs, counts, None, tables)
     valid, test = (
         yes_reader.make_windows(p, config.batch_size, config.num_steps)
         for p in (data.valid, data.test)
