@@ -162,6 +162,7 @@ def test_best_rnn_flags_read_into_a_config():
     assert (config.cell, config.num_layers, config.hidden_size) == ("gru", 1, 200)
     assert config.tie_embeddings is True and config.learning_rate == 0.002
     assert config.early_stopping_patience == 3 and config.loss_weighting == "event"
+    assert config.transition == "markov"
 
 
 @pytest.mark.smoke
