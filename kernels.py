@@ -4,7 +4,8 @@ Each computes what a TensorFlow/Keras reference computes (tests/test_softmax.py 
 tests/test_musicmodel.py check them against it) with fewer passes over memory:
 `gru_sequence`/`FixedLengthGRU` (Keras' GRU), `softmax_cross_entropy` (sparse categorical
 cross-entropy of the logits), `FusedAdam` (Keras' Adam). `SongSampler` and
-`sampled_softmax_logits` are the sampled softmax's negatives and logits.
+`sampled_softmax_logits` are the sampled softmax's negatives and logits. `fixed_weight` is the
+non-trainable weight that holds a table given to a layer (side features, transition counts).
 """
 
 from __future__ import annotations
@@ -159,6 +160,16 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def fixed_weight(layer: layers.Layer, name: str, shape: tuple, dtype: str, value) -> keras.Variable:
+    """A non-trainable weight of `layer` holding `value` (zeros until loaded if None)."""
+    var = layer.add_weight(
+        shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name
+    )
+    if value is not None:
+        var.assign(np.asarray(value, dtype))
+    return var
 
 
 def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+import kernels
 from errors import ConfigError
 
 UNSEEN_LOGIT = -1e9  # added in training to the logits of songs that are never a training target
@@ -37,13 +38,15 @@ class SideRows(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_songs, self.num_tags = num_songs, num_tags
         self.seed = keras.random.SeedGenerator(0)
-        self.artist = self.table("song_artist", (num_songs,), "int32", artists)
+        self.artist = kernels.fixed_weight(self, "song_artist", (num_songs,), "int32", artists)
         unseen = None if counts is None else np.asarray(counts) == 0
-        self.unseen = self.table("unseen", (num_songs,), "float32", unseen)
+        self.unseen = kernels.fixed_weight(self, "unseen", (num_songs,), "float32", unseen)
         self.artist_vectors = self.rows("artist_vectors", (num_artists, dims), "uniform")
         self.artist_bias = self.rows("artist_bias", (num_artists,))
         if num_tags:
-            self.tags = self.table("song_tags", (num_songs, num_tags), "float32", tags)
+            self.tags = kernels.fixed_weight(
+                self, "song_tags", (num_songs, num_tags), "float32", tags
+            )
             self.tag_vectors = self.rows("tag_vectors", (num_tags, dims), "uniform")
             self.tag_bias = self.rows("tag_bias", (num_tags, 1))
         self.built = True
@@ -51,15 +54,6 @@ class SideRows(keras.layers.Layer):
     def rows(self, name: str, shape: tuple, initializer: str = "zeros") -> keras.Variable:
         """Trainable rows (vectors: "uniform" in ±0.05, as `keras.layers.Embedding`)."""
         return self.add_weight(shape=shape, initializer=initializer, name=name)
-
-    def table(self, name: str, shape: tuple, dtype: str, value) -> keras.Variable:
-        """A non-trainable weight holding `value` (zeros until loaded if None)."""
-        var = self.add_weight(
-            shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name
-        )
-        if value is not None:
-            var.assign(np.asarray(value, dtype))
-        return var
 
     def combine(self, vectors, bias, training: bool = False) -> tuple:
         """(vectors float32 [songs, dims], bias float32 [songs]): the songs' own rows plus their

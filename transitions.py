@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
+import kernels
 from errors import ConfigError
 from flagspec import TRANSITIONS
 
@@ -42,10 +43,12 @@ class TransitionMixture(keras.layers.Layer):
         super().__init__(**kwargs)
         tables = tables or {}
         shape = (num_songs + 1, width)
-        self.successors = self.table("successors", shape, "int32", tables.get("successors"))
-        self.counts = self.table("counts", shape, "float32", tables.get("counts"))
-        self.popularity = self.table(
-            "popularity", (num_songs,), "float32", tables.get("popularity")
+        self.successors = kernels.fixed_weight(
+            self, "successors", shape, "int32", tables.get("successors")
+        )
+        self.counts = kernels.fixed_weight(self, "counts", shape, "float32", tables.get("counts"))
+        self.popularity = kernels.fixed_weight(
+            self, "popularity", (num_songs,), "float32", tables.get("popularity")
         )
         self.log_beta = self.add_weight(
             shape=(), initializer=keras.initializers.Constant(np.log(INITIAL_BETA)), name="log_beta"
@@ -53,15 +56,6 @@ class TransitionMixture(keras.layers.Layer):
         self.gate = layers.Dense(1, kernel_initializer="zeros", name="gate", dtype="float32")
         self.gate.build((None, dims + 1))
         self.built = True
-
-    def table(self, name: str, shape: tuple, dtype: str, value) -> keras.Variable:
-        """A non-trainable weight holding `value` (zeros until loaded if None)."""
-        var = self.add_weight(
-            shape=shape, dtype=dtype, initializer="zeros", trainable=False, name=name
-        )
-        if value is not None:
-            var.assign(np.asarray(value, dtype))
-        return var
 
     def _mix(self, log_p_model, log_q, queries, n_a):
         """log(g p_model + (1 - g) q) with g from `queries` [n, dims] and n_a [n]; log_p_model
