@@ -57,6 +57,16 @@ class TransitionMixture(keras.layers.Layer):
         self.gate.build((None, dims + 1))
         self.built = True
 
+    def _successors(self, tokens) -> tuple:
+        """(successors int32 [n, width], counts float32 [n, width], n_a [n]) of tokens [n]."""
+        counts = ops.take(self.counts, tokens, axis=0)
+        return ops.take(self.successors, tokens, axis=0), counts, ops.sum(counts, -1)
+
+    def _log_q(self, n_aj, n_a, popularity):
+        """log q = log(n_aj + β p_pop) - log(n_a + β), broadcast."""
+        beta = ops.exp(self.log_beta)
+        return ops.log(n_aj + beta * popularity) - ops.log(n_a + beta)
+
     def _mix(self, log_p_model, log_q, queries, n_a):
         """log(g p_model + (1 - g) q) with g from `queries` [n, dims] and n_a [n]; log_p_model
         and log_q [n] or [n, songs]."""
@@ -75,16 +85,13 @@ class TransitionMixture(keras.layers.Layer):
           tokens: int32 [n], the last song of each history (token = song id + 1);
           targets: int32 [n] song ids; leave_one_out: each event is itself one of the counts.
         """
-        successors = ops.take(self.successors, tokens, axis=0)
-        counts = ops.take(self.counts, tokens, axis=0)
-        n_a = ops.sum(counts, -1)
+        successors, counts, n_a = self._successors(tokens)
         hit = ops.cast(successors == ops.expand_dims(ops.cast(targets, "int32"), -1), "float32")
         n_aj = ops.sum(counts * hit, -1)
         if leave_one_out:  # the event's own transition, unless cut by the width
             own = ops.cast(n_aj > 0, "float32")
             n_aj, n_a = n_aj - own, n_a - own
-        beta = ops.exp(self.log_beta)
-        log_q = ops.log(n_aj + beta * ops.take(self.popularity, targets)) - ops.log(n_a + beta)
+        log_q = self._log_q(n_aj, n_a, ops.take(self.popularity, targets))
         return self._mix(log_p_model, log_q, queries, n_a)
 
     def log_mixture(self, logits, queries, tokens):
@@ -98,14 +105,11 @@ class TransitionMixture(keras.layers.Layer):
         songs, dims = logits.shape[-1], queries.shape[-1]
         logits = ops.reshape(logits, (-1, songs))
         queries, tokens = ops.reshape(queries, (-1, dims)), ops.reshape(tokens, (-1,))
-        successors = ops.take(self.successors, tokens, axis=0)  # [n, width]
-        counts = ops.take(self.counts, tokens, axis=0)
+        successors, counts, n_a = self._successors(tokens)
         rows = ops.broadcast_to(ops.arange(ops.shape(tokens)[0])[:, None], ops.shape(successors))
         n_aj = tf.tensor_scatter_nd_add(
             ops.zeros_like(logits), ops.stack([rows, successors], -1), counts
         )
-        n_a = ops.sum(counts, -1)
-        beta = ops.exp(self.log_beta)
-        log_q = ops.log(n_aj + beta * self.popularity) - ops.log(n_a + beta)[:, None]
+        log_q = self._log_q(n_aj, n_a[:, None], self.popularity)
         log_p_model = ops.log_softmax(logits, axis=-1)
         return ops.reshape(self._mix(log_p_model, log_q, queries, n_a), shape)
