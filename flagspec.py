@@ -114,8 +114,8 @@ TRANSITIONS = ("none", "markov")  # see transitions.py
 def transition() -> Any:
     """`--transition` (a model flag of --task=next_song)."""
     text = "markov: mix first-order transition counts of the training playlists into the "
-    text += "softmax by a learned per-event gate, trained end to end (transitions.py); needs "
-    text += "--softmax=full."
+    text += "softmax by a learned per-event gate, trained end to end (transitions.py); under "
+    text += "--softmax=sampled the gate mixes the sampled estimate of the softmax at the target."
     return field("none", "model", text, choices=TRANSITIONS, tasks=NEXT_SONG)
 
 

@@ -155,7 +155,7 @@ class MusicModel(keras.Model):
                 ]
                 for i in range(num_layers)
             ]
-        transitions.check_transition(transition, softmax)
+        transitions.check_transition(transition)
         self.transition, self.transition_width, self.mixture = transition, transition_width, None
         if transition != "none":
             dims = embedding_size if tie_embeddings else hidden_size
@@ -258,8 +258,10 @@ class MusicModel(keras.Model):
             count = replica.all_reduce("sum", ops.sum(weights))
         with tf.GradientTape() as tape:
             if self.sampler is not None:  # column 0: the target, then the negatives
-                logits, targets = self.sampled_logits(tokens, reset, targets)
-                per_event, loss = masked_cross_entropy(targets, logits, weights, count)
+                queries, logits = self.sampled_logits(tokens, reset, targets)
+                per_event = ops.sparse_categorical_crossentropy(
+                    ops.zeros_like(targets), logits, from_logits=True
+                )
             else:
                 queries = self((tokens, reset), training=True, queries=True)
                 events = (queries, targets, weights, tokens)
@@ -272,21 +274,22 @@ class MusicModel(keras.Model):
                 if self.side is not None:
                     bias = bias + songrows.UNSEEN_LOGIT * self.side.unseen
                 per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
-                if self.mixture is not None:  # each event left out of the transition counts
-                    log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
-                    per_event = -log_p
-                loss = weighted_mean(per_event, weights, count)
+            if self.mixture is not None:  # each event left out of the transition counts
+                log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
+                per_event = -log_p
+            loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)
         return {"loss": self.loss_tracker.result()}
 
     def sampled_logits(self, tokens, reset, targets):
-        """Corrected logits of the target and of `num_sampled` negatives shared by the window.
+        """Queries and corrected logits of the target and of `num_sampled` negatives shared by
+        the window.
 
         Returns:
-          (float32 [batch, time, 1 + num_sampled] with the target in column 0, int32 zeros
-          [batch, time]: the target's column). Negatives change every step (seed = step).
+          (queries float32 [batch, time, dims], logits float32 [batch, time, 1 + num_sampled]
+          with the target in column 0). Negatives change every step (seed = step).
         """
         queries = ops.cast(self((tokens, reset), training=True, queries=True), "float32")
         step = ops.cast(self.optimizer.iterations, "int32")
@@ -295,7 +298,7 @@ class MusicModel(keras.Model):
         logits = kernels.sampled_softmax_logits(
             queries, targets, kernel, bias, sampled, self.sampler.log_q
         )
-        return logits, ops.zeros_like(targets)
+        return queries, logits
 
     def make_test_function(self, force: bool = False):
         """Evaluation is never XLA-compiled: its loop over real events has a dynamic trip count."""

@@ -124,7 +124,7 @@ class NextSongTask:
         if config.softmax == "sampled":  # before anything is written
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
         songrows.check_side_features(config.side_features, config.softmax, config.tie_embeddings)
-        transitions.check_transition(config.transition, config.softmax)
+        transitions.check_transition(config.transition)
         side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
         keys = importer.catalog_keys(config.data_dir, data.catalog.titles, data.catalog.artists)
         source = load_init_source(config)

@@ -28,12 +28,10 @@ from flagspec import TRANSITIONS
 INITIAL_BETA = 10.0  # the Markov baseline's grid chooses β of the order 1-100 on the shipped data
 
 
-def check_transition(transition: str, softmax: str) -> None:
-    """Raises `ConfigError` naming --transition unless "none" or with the full softmax."""
+def check_transition(transition: str) -> None:
+    """Raises `ConfigError` naming --transition unless one of `TRANSITIONS`."""
     if transition not in TRANSITIONS:
         raise ConfigError(f"--transition={transition!r}: must be one of {', '.join(TRANSITIONS)}")
-    if transition != "none" and softmax != "full":
-        raise ConfigError(f"--transition={transition}: needs --softmax=full")
 
 
 class TransitionMixture(keras.layers.Layer):
@@ -68,22 +66,23 @@ class TransitionMixture(keras.layers.Layer):
         return ops.log(n_aj + beta * popularity) - ops.log(n_a + beta)
 
     def _mix(self, log_p_model, log_q, queries, n_a):
-        """log(g p_model + (1 - g) q) with g from `queries` [n, dims] and n_a [n]; log_p_model
-        and log_q [n] or [n, songs]."""
-        features = ops.concatenate([ops.cast(queries, "float32"), ops.log1p(n_a)[:, None]], -1)
-        z = self.gate(features)  # [n, 1]
-        if len(log_p_model.shape) == 1:
-            z = z[:, 0]
+        """log(g p_model + (1 - g) q) with g from `queries` [..., dims] and n_a [...];
+        log_p_model and log_q [...] (one per event) or [..., songs]."""
+        log1p_n_a = ops.expand_dims(ops.log1p(n_a), -1)
+        z = self.gate(ops.concatenate([ops.cast(queries, "float32"), log1p_n_a], -1))  # [..., 1]
+        if len(log_p_model.shape) == len(n_a.shape):
+            z = z[..., 0]
         log_g, log_not_g = ops.log_sigmoid(z), ops.log_sigmoid(-z)
         return ops.logaddexp(log_g + log_p_model, log_not_g + log_q)
 
     def target_log_prob(self, log_p_model, queries, tokens, targets, leave_one_out: bool):
-        """float32 [n]: log p(target) of the mixture for n events.
+        """float32 [...]: log p(target) of the mixture for events of any shape [...].
 
         Args:
-          log_p_model: float32 [n], the model's log-softmax at the target; queries [n, dims];
-          tokens: int32 [n], the last song of each history (token = song id + 1);
-          targets: int32 [n] song ids; leave_one_out: each event is itself one of the counts.
+          log_p_model: float32 [...], the model's log-softmax at the target (under the sampled
+            softmax, its estimate from the target and the negatives); queries [..., dims];
+          tokens: int32 [...], the last song of each history (token = song id + 1);
+          targets: int32 [...] song ids; leave_one_out: each event is itself one of the counts.
         """
         successors, counts, n_a = self._successors(tokens)
         hit = ops.cast(successors == ops.expand_dims(ops.cast(targets, "int32"), -1), "float32")

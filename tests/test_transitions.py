@@ -9,13 +9,13 @@ from scipy.special import expit, log_softmax
 
 import baselines
 import config as config_lib
+import kernels
 import musicmodel
 import next_song_task
 import serving
 import transitions
 import yes_reader
-from conftest import run_cli, train_small
-from errors import ConfigError
+from conftest import train_small
 
 # Tokens (song id + 1) of four playlists over 5 songs. Transitions (song ids): 0->1 three times,
 # 1->2 three times, 2->3, 2->4, 3->4, 4->0. Song occurrences 3, 4, 3, 2, 2 of 14.
@@ -77,15 +77,39 @@ def test_full_rows_are_distributions_that_agree_with_the_target_path():
         np.testing.assert_allclose(log_p.reshape(6, 5)[:, target], expected, rtol=1e-5)
 
 
-def test_transition_needs_the_full_softmax(small_slice, tmp_path):
-    with pytest.raises(ConfigError, match="--transition=markov: needs --softmax=full"):
-        transitions.check_transition("markov", "sampled")
-    result = run_cli(
-        "--mode=train", f"--data_dir={small_slice}", f"--model_dir={tmp_path / 'run'}",
-        "--transition=markov", "--softmax=sampled", "--num_sampled=64",
-    )  # fmt: skip
-    assert result.returncode != 0 and "--transition=markov: needs --softmax=full" in result.stderr
-    assert not (tmp_path / "run").exists()
+def test_sampled_training_loss_mixes_the_sampled_softmax_estimate_by_hand():
+    # Two windows of 4 steps, batch 2; a new gate gives g = 1/2 and β starts at 10. Each event's
+    # loss is -log(p_s / 2 + q / 2): p_s the sampled softmax's estimate at the target (column 0
+    # of the corrected logits, the step's negatives drawn with seed [0, 0]), q the Markov
+    # probability with the event left out of its own counts.
+    import keras
+
+    keras.utils.set_random_seed(0)
+    windows = yes_reader.make_windows(PLAYLISTS, 2, num_steps=4)
+    counts = np.bincount(windows.targets[windows.weights > 0], minlength=5)
+    tables = baselines.successor_table(PLAYLISTS, 5, 3)
+    settings = dict(embedding_size=4, hidden_size=3, batch_size=2, dropout=0.0)
+    settings.update(softmax="sampled", num_sampled=3, transition="markov", transition_width=3)
+    model = musicmodel.build_model(config_lib.Config(**settings), 5, counts, None, tables)
+    tokens, reset = windows.inputs[0], windows.reset[0]
+    targets, weights = windows.targets[0], windows.weights[0]
+    queries = model((tokens, reset), training=True, queries=True)
+    kernel, bias = model.output_layer()
+    sampled = model.sampler.draw(3, np.array([0, 0], np.int32))
+    logits = kernels.sampled_softmax_logits(
+        queries, targets, kernel, bias, sampled, model.sampler.log_q
+    )
+    p_s = np.exp(log_softmax(np.asarray(logits, np.float64), -1)[..., 0])
+    successors, table_counts = tables["successors"], tables["counts"]
+    popularity = tables["popularity"]
+    expected = []
+    for b, t in zip(*np.nonzero(weights), strict=True):
+        a, j = tokens[b, t], targets[b, t]
+        n_aj = table_counts[a][successors[a] == j].sum() - 1  # every transition is in the table
+        q = (n_aj + 10 * popularity[j]) / (table_counts[a].sum() - 1 + 10)
+        expected.append(-np.log(p_s[b, t] / 2 + q / 2))
+    history = model.fit(yes_reader.to_dataset(windows).take(1), verbose=0).history
+    np.testing.assert_allclose(history["loss"][0], np.mean(expected), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
