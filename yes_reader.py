@@ -375,6 +375,20 @@ def schedule(windows: Windows, num_epochs: int, seed: int) -> np.ndarray:
     return np.concatenate(epochs)
 
 
+TRIM_STEPS = 5  # windows are cut to a multiple of this many steps: few distinct XLA shapes
+
+
+def used_steps(windows: Windows) -> np.ndarray:
+    """int32 [windows]: each window's steps up to its last real event in any row, rounded up to
+    `TRIM_STEPS` (at most num_steps). Only a batch's last window ends early; the steps cut are
+    padding in every row, which neither the loss nor the state carried to the next window (reset
+    at a batch's start) would see."""
+    num_steps = windows.inputs.shape[-1]
+    real = (windows.weights > 0).any(axis=1)  # [windows, num_steps]
+    last = num_steps - np.argmax(real[:, ::-1], axis=-1)
+    return np.minimum(-(-last // TRIM_STEPS) * TRIM_STEPS, num_steps).astype(np.int32)
+
+
 def to_dataset(
     windows: Windows,
     order: np.ndarray | None = None,
@@ -391,6 +405,7 @@ def to_dataset(
     order = np.arange(windows.num_windows) if order is None else order
     arrays = (windows.inputs, windows.reset, windows.targets, windows.weights)
     tensors = tuple(tf.constant(a) for a in arrays)
+    lengths = tf.constant(used_steps(windows))
     rows, local = windows.inputs.shape[1], np.zeros(1, np.int64)
     if input_context is not None:
         per_worker = input_context.num_replicas_in_sync // input_context.num_input_pipelines
@@ -398,8 +413,9 @@ def to_dataset(
         rows = input_context.get_per_replica_batch_size(rows)
 
     def pick(i, replica):
-        first = replica * rows
+        first, steps = replica * rows, tf.gather(lengths, i)
         inputs, reset, targets, weights = (tf.gather(t, i)[first : first + rows] for t in tensors)
+        inputs, targets, weights = (t[:, :steps] for t in (inputs, targets, weights))
         if input_context is not None:  # Keras averages a first batch over replicas: no bools
             reset = tf.cast(reset, tf.float32)
         return (inputs, reset), targets, weights

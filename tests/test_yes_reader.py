@@ -75,6 +75,19 @@ def test_last_partial_batch_and_window_are_kept():
     np.testing.assert_array_equal(w.reset[:, 0], [True, True, False])
 
 
+def test_windows_are_cut_after_their_last_real_step_in_multiples_of_five():
+    # Batch 1, 20 steps. Lengths 3, 7, 25 -> events 2, 6, 24: windows of 2, 6, 20 and 4 real
+    # steps, cut to 5, 10, 20 and 5. What is cut is padding in every row.
+    playlists = [np.arange(1, n + 1, dtype=np.int32) for n in (25, 3, 7)]
+    w = yes_reader.make_windows(playlists, batch_size=1, num_steps=20)
+    assert yes_reader.used_steps(w).tolist() == [5, 10, 20, 5]
+    elements = list(yes_reader.to_dataset(w).as_numpy_iterator())
+    assert [e[0][0].shape for e in elements] == [(1, 5), (1, 10), (1, 20), (1, 5)]
+    assert sum(e[2].sum() for e in elements) == w.events == 32
+    for (inputs, _), targets, _ in elements:  # the kept steps are the windows' first steps
+        assert inputs[0, 0] != 0 and targets.shape == inputs.shape
+
+
 def test_no_playlist_with_events_is_an_error():
     with pytest.raises(errors.DataError, match="nothing to learn"):
         yes_reader.make_windows([np.array([3], np.int32)], batch_size=2, num_steps=2)
