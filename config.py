@@ -166,6 +166,7 @@ class Config:
         "Halve the learning rate after N epochs without a better validation MRR@20.",
         bound=NON_NEGATIVE,
     )
+    lr_decay: str = flagspec.lr_decay()
     checkpoint_every_steps: int = _field(
         0,
         "training",
@@ -334,6 +335,8 @@ class Config:
                 "--early_stopping_patience/--reduce_lr_patience need a validation split: "
                 "set --valid_fraction > 0"
             )
+        if self.lr_decay != "none" and self.reduce_lr_patience:
+            raise ConfigError(f"--lr_decay={self.lr_decay}: excludes --reduce_lr_patience")
         if self.task == "audio_features":
             for name in ("listening_log", "features"):
                 if not self.paths(name):

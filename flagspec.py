@@ -151,3 +151,13 @@ def sampled_steps() -> Any:
     text = "With --softmax=sampled: scaled multiplies the Adam step of each song's output row "
     text += "by pi^(-1/4), pi its chance to be sampled in a step; plain: Adam as for every weight."
     return field("scaled", "training", text, choices=SAMPLED_STEPS, tasks=NEXT_SONG)
+
+
+LR_DECAYS = ("none", "linear")
+
+
+def lr_decay() -> Any:
+    """`--lr_decay` (a training flag of --task=next_song)."""
+    text = "linear: epoch e of N = --num_epochs trains at --learning_rate x (N - e + 1) / N, a "
+    text += "schedule for a fixed budget of epochs; excludes --reduce_lr_patience."
+    return field("none", "training", text, choices=LR_DECAYS, tasks=NEXT_SONG)

@@ -48,9 +48,13 @@ def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 
 
 
 def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callback]:
-    """Keras' ReduceLROnPlateau and EarlyStopping (best weights kept) on validation MRR@20."""
+    """The learning-rate schedule and stopping: Keras' LearningRateScheduler (`--lr_decay`),
+    ReduceLROnPlateau and EarlyStopping (best weights kept) on validation MRR@20."""
     watch = dict(monitor="val_mrr@20", mode="max", verbose=1)
     out: list[keras.callbacks.Callback] = []
+    if config.lr_decay == "linear":  # Keras counts epochs from 0
+        rate, epochs = config.learning_rate, config.num_epochs
+        out.append(keras.callbacks.LearningRateScheduler(lambda e: rate * (epochs - e) / epochs))
     if config.reduce_lr_patience:
         patience = config.reduce_lr_patience
         out.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=patience, **watch))

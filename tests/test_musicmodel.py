@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import config as config_lib
+import errors
 import kernels
 import musicmodel
 import yes_reader
@@ -128,3 +129,23 @@ def test_fixed_length_gru_matches_keras_gru_and_its_gradients(jit_compile):
 
     for got, want in zip(run(fused), run(reference), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_lr_decay_trains_each_epoch_at_its_share_of_the_rate():
+    # N = 4 epochs at 0.01: epoch e trains at 0.01 x (4 - e + 1) / 4 = 0.01, 0.0075, 0.005, 0.0025.
+    import keras
+
+    import next_song_task
+
+    model = tiny_model(batch_size=3)
+    config = config_lib.Config(learning_rate=0.01, num_epochs=4, lr_decay="linear")
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate))
+    )
+    callbacks = [*next_song_task.validation_schedule(config), record]
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
+    model.fit(yes_reader.to_dataset(windows), epochs=4, verbose=0, callbacks=callbacks)
+    np.testing.assert_allclose(seen, [0.01, 0.0075, 0.005, 0.0025], rtol=1e-6)
+    with pytest.raises(errors.ConfigError, match="--lr_decay=linear: excludes --reduce_lr"):
+        config_lib.Config(lr_decay="linear", reduce_lr_patience=1)
