@@ -60,12 +60,8 @@ def read_lines(path: str) -> list[str]:
         lines.pop()
     if "\ufffd" in text:
         bad = [lineno for lineno, line in enumerate(lines, start=1) if "\ufffd" in line]
-        logging.warning(
-            "%s:%d: bytes that are not UTF-8 are shown as U+FFFD (%d line(s) like this)",
-            path,
-            bad[0],
-            len(bad),
-        )
+        note = "%s:%d: bytes that are not UTF-8 are shown as U+FFFD (%d line(s) like this)"
+        logging.warning(note, path, bad[0], len(bad))
     return lines
 
 
@@ -127,9 +123,8 @@ def playlist_path(data_dir: str, split: str) -> str:
 
 
 def read_playlists(path: str, num_songs: int) -> list[np.ndarray]:
-    """Reads a Yes.com `train.txt`/`test.txt`: two header lines, then one playlist per line.
-
-    A path ending in `.csv` is read by `read_playlists_csv` instead.
+    """Reads a Yes.com `train.txt`/`test.txt`: two header lines, then one playlist per line (a
+    path ending in `.csv`: `read_playlists_csv`).
 
     Returns:
       One int32 array of tokens (song id + 1) per playlist, in file order.
@@ -217,10 +212,8 @@ def read_song_tags(
         names[int(tag_id)] = name.strip()
     lines = read_lines(tags_path)
     if len(lines) != num_songs:
-        raise DataError(
-            f"{tags_path}: expected one line per song ({num_songs}, as song_hash.txt), "
-            f"got {len(lines)}"
-        )
+        expected = f"expected one line per song ({num_songs}, as song_hash.txt)"
+        raise DataError(f"{tags_path}: {expected}, got {len(lines)}")
     song_tags = []
     for lineno, line in enumerate(lines, start=1):
         tags = [] if line.strip() == "#" else line.split()
@@ -379,10 +372,8 @@ TRIM_STEPS = 5  # windows are cut to a multiple of this many steps: few distinct
 
 
 def used_steps(windows: Windows) -> np.ndarray:
-    """int32 [windows]: each window's steps up to its last real event in any row, rounded up to
-    `TRIM_STEPS` (at most num_steps). Only a batch's last window ends early; the steps cut are
-    padding in every row, which neither the loss nor the state carried to the next window (reset
-    at a batch's start) would see."""
+    """int32 [windows]: steps up to each window's last real event, rounded up to `TRIM_STEPS`.
+    Only a batch's last window ends early, and what it loses is padding in every row."""
     num_steps = windows.inputs.shape[-1]
     real = (windows.weights > 0).any(axis=1)  # [windows, num_steps]
     last = num_steps - np.argmax(real[:, ::-1], axis=-1)
