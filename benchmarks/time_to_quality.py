@@ -2,17 +2,19 @@
 
     python benchmarks/bench.py --time_to_quality [--quick] [--out docs/time_to_quality.json]
 
-Trains (a) deepcf with `configs/best_rnn.flags` on data/yes_big (its `musicmodel.build_model`,
-data windows, validation hook and `validation_schedule`, as `--mode=train` runs them, without
-checkpoints, TensorBoard or projector files) and (b) in the same run a plain Keras `fit` of the
-same architecture (`plain_model`: Embedding -> Dropout -> GRU -> Dropout -> Dense softmax, same
-sizes, dropout, Adam rate and clipping, batch and window length; untied output layer, each
-20-step window from a zero state, Keras' own loss), each stopped by its own validation MRR@20
-(the same ReduceLROnPlateau and EarlyStopping settings). At every epoch end both record
-validation and test Recall@20 / MRR@20 against the seconds of training so far; the test split is
-evaluated only for the record (never for a decision) and its evaluation time is not counted.
-Writes the JSON and a plot (test quality against seconds, both models) and reports the seconds
-each needed to reach the bar, `BAR`, or that it never did.
+Trains (a) deepcf with each flag file of `FLAG_FILES` on data/yes_big: `configs/best_rnn.flags`
+(the best single model on validation) and `configs/fast_rnn.flags` (the same model with batch 50,
+Adam 4e-3 decayed linearly over 6 epochs), each with its `musicmodel.build_model`, data windows,
+validation hook and `validation_schedule`, as `--mode=train` runs them, without checkpoints,
+TensorBoard or projector files; and (b) in the same run a plain Keras `fit` of best_rnn.flags'
+architecture (`plain_model`: Embedding -> Dropout -> GRU -> Dropout -> Dense softmax, same sizes,
+dropout, Adam rate and clipping, batch and window length; untied output layer, each 20-step
+window from a zero state, Keras' own loss) with best_rnn.flags' ReduceLROnPlateau and
+EarlyStopping on its own validation MRR@20. At every epoch end each records validation and test
+Recall@20 / MRR@20 against the seconds of training so far; the test split is evaluated only for
+the record (never for a decision) and its evaluation time is not counted. Writes the JSON and a
+plot (test quality against seconds, all models) and reports the seconds each needed to reach
+the bar, `BAR`, or that it never did, and the plain model's seconds over each deepcf model's.
 `--quick`: a slice of data/yes_small, 2 epochs (a smoke run of the whole pipeline).
 """
 
@@ -39,6 +41,7 @@ import yes_reader
 BAR = {"recall@20": 0.21, "mrr@20": 0.050}  # issue 18: test Recall@20 and MRR@20
 KEYS = ("recall@20", "mrr@20")
 QUICK_SLICE = {"train": 1500, "valid": 200, "test": 200}  # playlists of data/yes_small
+FLAG_FILES = {"deepcf": "best_rnn.flags", "deepcf_fast": "fast_rnn.flags"}  # in configs/
 
 
 def read_flags(path: str) -> dict:
@@ -236,35 +239,52 @@ def plot(result: dict, path: str) -> None:
     plt.close(figure)
 
 
-def run(root: str, out: str, quick: bool) -> dict:
-    """Trains both models, writes `out` (JSON) and the plot beside it; returns the result."""
-    given = read_flags(os.path.join(root, "configs", "best_rnn.flags"))
+def load_config(root: str, flag_file: str, quick: bool) -> config_lib.Config:
+    """`configs/<flag_file>` on data/yes_big (`quick`: data/yes_small, 2 epochs)."""
+    cwd = os.getcwd()
+    os.chdir(root)  # a nested --flagfile=configs/... is read from the checkout, as deepcf.py does
+    try:
+        given = read_flags(os.path.join("configs", flag_file))
+    finally:
+        os.chdir(cwd)
     given["data_dir"] = os.path.join(root, "data", "yes_small" if quick else "yes_big")
     if quick:
         given["num_epochs"] = 2
-    config = config_lib.Config(**given)
-    data = load_data(config, quick)
-    runs = {}
-    for name, train in (("deepcf", train_deepcf), ("plain", train_plain)):
-        epochs = train(config, data)
-        runs[name] = {"epochs": epochs, "seconds_to_bar": seconds_to_bar(epochs)}
-    to_bar = [runs[n]["seconds_to_bar"] for n in ("plain", "deepcf")]
+    return config_lib.Config(**given)
+
+
+def run(root: str, out: str, quick: bool) -> dict:
+    """Trains the models of `FLAG_FILES` and the plain reference, writes `out` (JSON) and the
+    plot beside it; returns the result."""
+    configs = {name: load_config(root, f, quick) for name, f in FLAG_FILES.items()}
+    data = load_data(configs["deepcf"], quick)  # the same splits: seed and fraction of best_rnn
+    trained = {name: train_deepcf(config, data) for name, config in configs.items()}
+    trained["plain"] = train_plain(configs["deepcf"], data)
+    runs = {n: {"epochs": e, "seconds_to_bar": seconds_to_bar(e)} for n, e in trained.items()}
+    plain = runs["plain"]["seconds_to_bar"]
     result = {
-        "data_dir": os.path.relpath(config.data_dir, root),
+        "data_dir": os.path.relpath(configs["deepcf"].data_dir, root),
+        "flag_files": FLAG_FILES,
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
         "bar": BAR,
         "runs": runs,
-        "plain_over_deepcf": to_bar[0] / to_bar[1] if None not in to_bar else None,
+        "plain_over": {
+            n: plain / runs[n]["seconds_to_bar"]
+            for n in FLAG_FILES
+            if None not in (plain, runs[n]["seconds_to_bar"])
+        },
     }
     rundir.write_json_atomic(out, result)
     plot(result, os.path.splitext(out)[0] + ".png")
     for name, r in runs.items():
         for row in r["epochs"]:
             print(
-                f"{name:>6} epoch {row['epoch']:>2} {row['seconds']:7.1f} s  "
+                f"{name:>11} epoch {row['epoch']:>2} {row['seconds']:7.1f} s  "
                 + "  ".join(f"{k} {row[k]:.4f}" for k in row if k.startswith(("val_", "test_")))
             )
         found = r["seconds_to_bar"]
         print(f"{name}: bar reached after {'never' if found is None else f'{found:.0f} s'}")
-    print(f"plain / deepcf seconds to the bar: {result['plain_over_deepcf'] or 'n/a'}")
+    for name in FLAG_FILES:
+        ratio = result["plain_over"].get(name)
+        print(f"plain / {name} seconds to the bar: {'n/a' if ratio is None else f'{ratio:.1f}'}")
     return result

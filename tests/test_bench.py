@@ -166,6 +166,19 @@ def test_best_rnn_flags_read_into_a_config():
 
 
 @pytest.mark.smoke
+def test_fast_rnn_flags_are_best_rnn_with_a_six_epoch_linear_budget():
+    import config as config_lib
+
+    config = ttq.load_config(str(ROOT), "fast_rnn.flags", quick=False)
+    best = config_lib.Config(**ttq.read_flags(str(ROOT / "configs" / "best_rnn.flags")))
+    assert (config.cell, config.hidden_size, config.transition) == ("gru", 200, "markov")
+    assert (config.batch_size, config.learning_rate, config.num_epochs) == (50, 0.004, 6)
+    assert config.lr_decay == "linear" and config.reduce_lr_patience == 0
+    assert config.data_dir == str(ROOT / "data" / "yes_big") and best.batch_size == 100
+    assert ttq.load_config(str(ROOT), "fast_rnn.flags", quick=True).num_epochs == 2
+
+
+@pytest.mark.smoke
 def test_read_flags_parses_booleans_as_deepcf_does(tmp_path):
     path = tmp_path / "f.flags"
     path.write_text("# comment\n--tie_embeddings=false\n--nojit_compile\n--dropout=0.5\n")
@@ -180,7 +193,7 @@ def test_quick_time_to_quality_writes_its_json_and_plot(tmp_path):
     done = run_python(str(BENCH), "--time_to_quality", "--quick", f"--out={out}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {"deepcf", "plain"}
+    assert set(result["runs"]) == {"deepcf", "deepcf_fast", "plain"}
     for run in result["runs"].values():
         assert [r["epoch"] for r in run["epochs"]] == [1, 2]
         seconds = [r["seconds"] for r in run["epochs"]]
