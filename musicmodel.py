@@ -23,22 +23,6 @@ from errors import ConfigError
 from recurrent import compile_model, recurrent_stack, run_stack, saved_config
 
 
-def masked_cross_entropy(targets, logits, weights, total_weight=None):
-    """Per-event cross-entropy (nats) and its mean over the real events of the batch.
-
-    Args:
-      targets: int32 [batch, time] song ids; logits: float [batch, time, songs];
-      weights: float32 [batch, time], 0 at padding.
-      total_weight: float32 [], what to divide by (default `sum(weights)`); under a strategy, the
-        count of the global batch, so that the replicas' losses add up to its mean.
-
-    Returns:
-      (per_event [batch, time], mean over events: sum(weights * ce) / sum(weights)).
-    """
-    per_event = ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
-    return per_event, weighted_mean(per_event, weights, total_weight)
-
-
 def weighted_mean(per_event, weights, total_weight=None):
     """sum(weights * per_event) / total_weight (default `sum(weights)`; at least 1)."""
     total_weight = ops.sum(weights) if total_weight is None else total_weight

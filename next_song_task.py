@@ -23,7 +23,6 @@ import names
 import rundir
 import serving
 import songrows
-import transitions
 import warmstart
 import yes_reader
 from errors import ConfigError
@@ -128,7 +127,6 @@ class NextSongTask:
         if config.softmax == "sampled":  # before anything is written
             musicmodel.check_num_sampled(config.num_sampled, data.catalog.size)
         songrows.check_side_features(config.side_features, config.softmax, config.tie_embeddings)
-        transitions.check_transition(config.transition)
         side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
         keys = importer.catalog_keys(config.data_dir, data.catalog.titles, data.catalog.artists)
         source = load_init_source(config)
