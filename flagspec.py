@@ -158,6 +158,7 @@ LR_DECAYS = ("none", "linear")
 
 def lr_decay() -> Any:
     """`--lr_decay` (a training flag of --task=next_song)."""
-    text = "linear: epoch e of N = --num_epochs trains at --learning_rate x (N - e + 1) / N, a "
-    text += "schedule for a fixed budget of epochs; excludes --reduce_lr_patience."
+    text = "linear: step i of the run's T optimizer steps (--num_epochs x windows per epoch) "
+    text += "trains at --learning_rate x (T - i) / T, a decay to 0 for a fixed budget of epochs; "
+    text += "excludes --reduce_lr_patience."
     return field("none", "training", text, choices=LR_DECAYS, tasks=NEXT_SONG)

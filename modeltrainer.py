@@ -94,9 +94,10 @@ class Trainer:
         """Restores the newest checkpoint that loads; returns the global step (0 if none).
 
         The learning rate stays the compiled one (`--learning_rate`), not the checkpoint's, so a
-        run stopped by a NaN loss can go on from its last checkpoint with a lower rate.
+        run stopped by a NaN loss can go on from its last checkpoint with a lower rate; a compiled
+        schedule (`--lr_decay`) goes on from the restored step count.
         """
-        learning_rate = float(self.model.optimizer.learning_rate.numpy())  # may be mirrored
+        learning_rate = self.model.optimizer.get_config()["learning_rate"]  # a schedule: a dict
         error = None
         for path in reversed(self.manager.checkpoints):
             try:
@@ -106,7 +107,8 @@ class Trainer:
                 logging.warning("checkpoint %s is unreadable (%s); trying an older one", path, e)
                 error = error or e
                 continue
-            self.model.optimizer.learning_rate = learning_rate
+            if not isinstance(learning_rate, dict):
+                self.model.optimizer.learning_rate = learning_rate
             logging.info("resuming from %s at step %d", path, self.step)
             return self.step
         if error:

@@ -343,6 +343,7 @@ def build_model(
     song_counts: np.ndarray | None = None,
     side: dict | None = None,
     transition_tables: dict | None = None,
+    train_steps: int = 0,
 ) -> MusicModel:
     """A built `MusicModel` of the `--task=next_song` flags, compiled with Adam (clipping by
     global norm; XLA if `--jit_compile`, except under a `tf.distribute` strategy); its layers
@@ -355,6 +356,7 @@ def build_model(
       side: with --side_features, the `MusicModel` arguments `num_artists`, `num_tags`,
         `song_artists`, `song_tags` (`coldstart.SideFeatures.model_args`).
       transition_tables: with --transition, `transitions.successor_table` of the training data.
+      train_steps: the run's optimizer steps (epochs x windows), which --lr_decay=linear spans.
     """
     with kernels.precision_policy(config.precision):  # for the layers created here
         model = MusicModel(
@@ -376,10 +378,24 @@ def build_model(
         model.build()
     # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
     jit_compile = config.jit_compile and not tf.distribute.has_strategy()
-    compile_model(model, config.learning_rate, config.max_grad_norm, jit_compile=jit_compile)
+    rate = learning_rate(config, train_steps)
+    compile_model(model, rate, config.max_grad_norm, jit_compile=jit_compile)
     if model.sampler is not None and config.sampled_steps == "scaled":
         scale_sampled_steps(model)
     return model
+
+
+def learning_rate(
+    config: config_lib.Config, train_steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """--learning_rate, or with --lr_decay=linear Keras' `PolynomialDecay` of it to 0 over the
+    run's `train_steps` optimizer steps: step i (from 0) of T trains at rate x (T - i) / T. The
+    schedule reads the optimizer's step count, so a resumed run goes on where it stopped."""
+    if config.lr_decay == "none":
+        return config.learning_rate
+    if train_steps < 1:
+        raise ValueError(f"--lr_decay={config.lr_decay} needs the run's number of steps")
+    return keras.optimizers.schedules.PolynomialDecay(config.learning_rate, train_steps, 0.0)
 
 
 def scale_sampled_steps(model: MusicModel) -> None:

@@ -47,13 +47,10 @@ def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 
 
 
 def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callback]:
-    """The learning-rate schedule and stopping: Keras' LearningRateScheduler (`--lr_decay`),
-    ReduceLROnPlateau and EarlyStopping (best weights kept) on validation MRR@20."""
+    """What validation decides: Keras' ReduceLROnPlateau and EarlyStopping (best weights kept)
+    on validation MRR@20 (`--lr_decay` is the optimizer's schedule, `musicmodel.learning_rate`)."""
     watch = dict(monitor="val_mrr@20", mode="max", verbose=1)
     out: list[keras.callbacks.Callback] = []
-    if config.lr_decay == "linear":  # Keras counts epochs from 0
-        rate, epochs = config.learning_rate, config.num_epochs
-        out.append(keras.callbacks.LearningRateScheduler(lambda e: rate * (epochs - e) / epochs))
     if config.reduce_lr_patience:
         patience = config.reduce_lr_patience
         out.append(keras.callbacks.ReduceLROnPlateau(factor=0.5, patience=patience, **watch))
@@ -162,7 +159,12 @@ class NextSongTask:
         counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
         with strategy.scope():
             model = musicmodel.build_model(
-                config, songs, counts, side and side.model_args(), transition_tables(config, data)
+                config,
+                songs,
+                counts,
+                side and side.model_args(),
+                transition_tables(config, data),
+                train_steps=config.num_epochs * windows.num_windows,
             )
         callbacks = []
         if yes_reader.count_events(data.valid):

@@ -43,7 +43,7 @@ def run_stack(rnns: list, x, states: list, training: bool = False):
 
 def compile_model(
     model: keras.Model,
-    learning_rate: float,
+    learning_rate: float | keras.optimizers.schedules.LearningRateSchedule,
     max_grad_norm: float,
     loss: keras.losses.Loss | None = None,
     jit_compile: bool = False,

@@ -106,7 +106,8 @@ def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[di
     songs = data.catalog.size
     counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
     tables = next_song_task.transition_tables(config, data)
-    model = musicmodel.build_model(config, songs, counts, None, tables)
+    steps = config.num_epochs * windows.num_windows
+    model = musicmodel.build_model(config, songs, counts, None, tables, train_steps=steps)
     valid, test = (
         yes_reader.make_windows(p, config.batch_size, config.num_steps)
         for p in (data.valid, data.test)

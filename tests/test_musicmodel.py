@@ -132,21 +132,29 @@ def test_fixed_length_gru_matches_keras_gru_and_its_gradients(jit_compile):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_lr_decay_trains_each_epoch_at_its_share_of_the_rate():
-    # N = 4 epochs at 0.01: epoch e trains at 0.01 x (4 - e + 1) / 4 = 0.01, 0.0075, 0.005, 0.0025.
+def test_linear_lr_decay_trains_step_i_of_t_at_its_share_of_the_rate():
+    # PLAYLISTS in batches of 3, windows of 4 steps: 8 events in the longest row, so 2 windows
+    # an epoch; 3 epochs give T = 6 steps, and step i trains at 0.01 x (6 - i) / 6.
     import keras
 
-    import next_song_task
-
-    model = tiny_model(batch_size=3)
-    config = config_lib.Config(learning_rate=0.01, num_epochs=4, lr_decay="linear")
+    keras.utils.set_random_seed(1)
+    config = config_lib.Config(
+        batch_size=3, embedding_size=6, hidden_size=5, learning_rate=0.01, num_epochs=3,
+        lr_decay="linear",
+    )  # fmt: skip
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
+    assert windows.num_windows == 2
+    model = musicmodel.build_model(config, NUM_SONGS, train_steps=3 * windows.num_windows)
     seen = []
     record = keras.callbacks.LambdaCallback(
-        on_epoch_begin=lambda epoch, logs: seen.append(float(model.optimizer.learning_rate))
+        on_train_batch_begin=lambda batch, logs: seen.append(float(model.optimizer.learning_rate))
     )
-    callbacks = [*next_song_task.validation_schedule(config), record]
-    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
-    model.fit(yes_reader.to_dataset(windows), epochs=4, verbose=0, callbacks=callbacks)
-    np.testing.assert_allclose(seen, [0.01, 0.0075, 0.005, 0.0025], rtol=1e-6)
+    order = yes_reader.schedule(windows, 3, seed=0)
+    model.fit(yes_reader.to_dataset(windows, order), epochs=3, steps_per_epoch=2, verbose=0,
+              callbacks=[record])  # fmt: skip
+    np.testing.assert_allclose(seen, [0.01 * (6 - i) / 6 for i in range(6)], rtol=1e-6)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.0)  # after the last step
+    with pytest.raises(ValueError, match="--lr_decay=linear needs the run's number of steps"):
+        musicmodel.build_model(config, NUM_SONGS)
     with pytest.raises(errors.ConfigError, match="--lr_decay=linear: excludes --reduce_lr"):
         config_lib.Config(lr_decay="linear", reduce_lr_patience=1)

@@ -31,6 +31,7 @@ SLICE_FLAGS = [
     "--num_layers=1",
     "--dropout=0.2",  # its random state must be checkpointed too
     "--learning_rate=0.01",
+    "--lr_decay=linear",  # a schedule of the step count: it must go on from the restored step
     f"--checkpoint_every_steps={EVERY}",
 ]
 
