@@ -4,7 +4,7 @@
 
 Trains (a) deepcf with each flag file of `FLAG_FILES` on data/yes_big: `configs/best_rnn.flags`
 (the best single model on validation) and `configs/fast_rnn.flags` (the same model with batch 50,
-Adam 4e-3 decayed linearly over 6 epochs), each with its `musicmodel.build_model`, data windows,
+Adam 4e-3 decayed linearly to 0 over 5 epochs), each with its `musicmodel.build_model`, data windows,
 validation hook and `validation_schedule`, as `--mode=train` runs them, without checkpoints,
 TensorBoard or projector files; and (b) in the same run a plain Keras `fit` of best_rnn.flags'
 architecture (`plain_model`: Embedding -> Dropout -> GRU -> Dropout -> Dense softmax, same sizes,
