@@ -109,33 +109,34 @@ class FixedLengthGRU(layers.Layer):
 
 
 @tf.custom_gradient
-def softmax_cross_entropy(queries, targets, kernel, bias):
-    """Full-softmax cross-entropy of `queries @ kernel + bias`, with the gradient written out.
+def softmax_cross_entropy(queries, targets, rows, bias):
+    """Full-softmax cross-entropy of `queries @ rows^T + bias`, with the gradient written out.
 
     Same loss and gradient as `sparse_categorical_crossentropy` of the logits, in fewer passes
     over the [events, songs] matrix, which at 9,775 songs is most of a training step: the
     probabilities come from one oneDNN softmax (faster on CPU than TF's fused sparse
     cross-entropy kernel; docs/results.md), the loss of event i is log(sum exp) - logit =
     -log p[i, target] (its rows recomputed with logsumexp where p underflows), the bias is a
-    row of the matmul (no pass of its own), and the backward pass never forms p - onehot: the
+    column of the matmul (no pass of its own), and the backward pass never forms p - onehot: the
     one-hot part is a scatter of the queries, so the two gradient matmuls read the
-    probabilities as they are.
+    probabilities as they are. The songs' vectors are read in their row layout (a tied
+    embedding table as it is stored), so no matmul needs a transposed copy.
 
     The three matmuls run in the dtype of `queries`: bfloat16 queries (a mixed-precision trunk)
-    make them bfloat16 matmuls, while the softmax, the loss and the kernel and bias gradients
+    make them bfloat16 matmuls, while the softmax, the loss and the row and bias gradients
     stay float32.
 
     Args:
       queries: float32 or bfloat16 [events, dims]; targets: int32 [events] song ids.
-      kernel: float32 [dims, songs]; bias: float32 [songs].
+      rows: float32 [songs, dims], one vector per song; bias: float32 [songs].
 
     Returns:
       float32 [events], the cross-entropy (nats) of each event.
     """
     low = queries.dtype  # the matmuls' dtype
     augmented = tf.concat([queries, tf.ones_like(queries[:, :1])], 1)  # the bias rides along
-    weights = tf.cast(tf.concat([kernel, bias[None]], 0), low)
-    logits = tf.cast(tf.matmul(augmented, weights), tf.float32)
+    weights = tf.cast(tf.concat([rows, bias[:, None]], 1), low)
+    logits = tf.cast(tf.matmul(augmented, weights, transpose_b=True), tf.float32)
     probs = tf.nn.softmax(logits)
     target_logit = tf.gather(logits, targets, batch_dims=1)
     per_event = -tf.math.log(tf.gather(probs, targets, batch_dims=1))
@@ -145,16 +146,15 @@ def softmax_cross_entropy(queries, targets, kernel, bias):
 
     def grad(d_event):
         # d logits = d_event * (p - onehot(target)): both matmuls read p, the one-hot terms
-        # are a gather (d queries) and a scatter (d kernel, d bias) of one row per event.
+        # are a gather (d queries) and a scatter (d rows, d bias) of one row per event.
         scaled = tf.cast(augmented, tf.float32) * d_event[:, None]
         low_probs = tf.cast(probs, low)
-        d_kernel_bias = tf.cast(
-            tf.matmul(tf.transpose(tf.cast(scaled, low)), low_probs), tf.float32
-        ) - tf.transpose(tf.math.unsorted_segment_sum(scaled, targets, tf.shape(kernel)[1]))
-        kernel_t = tf.transpose(kernel)
-        product = tf.cast(tf.matmul(low_probs, tf.cast(kernel_t, low)), tf.float32)
-        d_queries = d_event[:, None] * (product - tf.gather(kernel_t, targets))
-        return tf.cast(d_queries, low), None, d_kernel_bias[:-1], d_kernel_bias[-1]
+        d_weights = tf.cast(
+            tf.matmul(low_probs, tf.cast(scaled, low), transpose_a=True), tf.float32
+        ) - tf.math.unsorted_segment_sum(scaled, targets, tf.shape(rows)[0])
+        product = tf.cast(tf.matmul(low_probs, tf.cast(rows, low)), tf.float32)
+        d_queries = d_event[:, None] * (product - tf.gather(rows, targets))
+        return tf.cast(d_queries, low), None, d_weights[:, :-1], d_weights[:, -1]
 
     return per_event, grad
 

@@ -29,6 +29,7 @@ def weighted_mean(per_event, weights, total_weight=None):
     return ops.sum(per_event * weights) / ops.maximum(total_weight, 1.0)
 
 
+PAD_LOGIT = -1e9  # the padding row's bias in the tied training softmax: exp underflows to 0
 EVAL_CHUNK = 256  # events scored at once in evaluation: 256 x 9,775 logits = 10 MB
 
 
@@ -254,10 +255,8 @@ class MusicModel(keras.Model):
                 else:  # only the real events get logits: padding is ~half of a training window
                     events = real_events(weights, *events)
                 queries, targets, weights, tokens = events
-                kernel, bias = map(tf.convert_to_tensor, self.output_layer(training=True))
-                if self.side is not None:
-                    bias = bias + songrows.UNSEEN_LOGIT * self.side.unseen
-                per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
+                rows, bias, first = self.softmax_rows()
+                per_event = kernels.softmax_cross_entropy(queries, targets + first, rows, bias)
             if self.mixture is not None:  # each event left out of the transition counts
                 log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
                 per_event = -log_p
@@ -266,6 +265,18 @@ class MusicModel(keras.Model):
         self.optimizer.apply(grads, self.trainable_variables)
         self.loss_tracker.update_state(per_event, sample_weight=weights)
         return {"loss": self.loss_tracker.result()}
+
+    def softmax_rows(self) -> tuple:
+        """(rows float32 [columns, dims], bias float32 [columns], column of song 0) of the
+        training softmax. A tied table is read whole, as stored: its padding row 0 gets bias
+        `PAD_LOGIT`, so probability 0 and no gradient, and song s is column s + 1."""
+        if self.side is not None:
+            vectors, bias = self.song_table(training=True)
+            return vectors, bias + songrows.UNSEEN_LOGIT * self.side.unseen, 0
+        if self.tie_embeddings:
+            bias = tf.concat([tf.fill([1], PAD_LOGIT), self.output_bias], 0)
+            return tf.convert_to_tensor(self.embedding.embeddings), bias, 1
+        return tf.transpose(self.head.kernel), tf.convert_to_tensor(self.head.bias), 0
 
     def sampled_logits(self, tokens, reset, targets):
         """Queries and corrected logits of the target and of `num_sampled` negatives shared by

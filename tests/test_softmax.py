@@ -58,6 +58,21 @@ def test_full_softmax_loss_is_the_plain_cross_entropy(jit_compile):
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_tied_full_softmax_loss_is_the_cross_entropy_of_the_scored_songs():
+    # Training reads the tied table whole (padding row 0 at bias PAD_LOGIT, song s in column
+    # s + 1); its loss must be the mean cross-entropy over the 8 + 1 + 3 real events of the
+    # logits that evaluation scores (songs' rows E[1:] and bias, no padding column).
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=8)
+    model = tiny_model(tie_embeddings=True)
+    x, y, w = (windows.inputs[0], windows.reset[0]), windows.targets[0], windows.weights[0]
+    logits = np.asarray(model(x, training=False), np.float64)
+    assert logits.shape[-1] == NUM_SONGS
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ce = -np.take_along_axis(log_probs, y[..., None], -1)[..., 0]
+    loss = model.train_on_batch(x, y, sample_weight=w, return_dict=True)["loss"]
+    assert loss == pytest.approx((ce * w).sum() / w.sum(), rel=1e-5)
+
+
 def test_xla_and_graph_steps_train_the_same_weights():
     windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=4)
     models = [tiny_model(jit_compile=jit) for jit in (False, True)]
@@ -85,7 +100,9 @@ def test_fused_cross_entropy_and_gradients_equal_tensorflows(jit_compile):
         with tf.GradientTape() as tape:
             tape.watch([queries, kernel, bias])
             if fused:
-                per_event = kernels.softmax_cross_entropy(queries, targets, kernel, bias)
+                per_event = kernels.softmax_cross_entropy(
+                    queries, targets, tf.transpose(kernel), bias
+                )
             else:
                 logits = tf.matmul(queries, kernel) + bias
                 per_event = tf.nn.sparse_softmax_cross_entropy_with_logits(targets, logits)
@@ -103,7 +120,7 @@ def test_fused_cross_entropy_of_an_underflowing_probability_is_exact():
     queries = np.array([[1.0], [1.0]], np.float32)
     kernel = np.array([[0.0, 100.0, 0.0]], np.float32)
     per_event = kernels.softmax_cross_entropy(
-        queries, np.array([0, 1], np.int32), kernel, np.zeros(3, np.float32)
+        queries, np.array([0, 1], np.int32), kernel.T, np.zeros(3, np.float32)
     )
     np.testing.assert_allclose(np.asarray(per_event), [100.0, 0.0], atol=1e-6)
 
@@ -359,7 +376,7 @@ def test_bfloat16_queries_make_bfloat16_matmuls_with_float32_loss_and_weight_gra
         low = tf.cast(queries, dtype)
         with tf.GradientTape() as tape:
             tape.watch([low, kernel, bias])
-            per_event = kernels.softmax_cross_entropy(low, targets, kernel, bias)
+            per_event = kernels.softmax_cross_entropy(low, targets, tf.transpose(kernel), bias)
             loss = tf.reduce_mean(per_event)
         results[dtype] = [per_event, *tape.gradient(loss, [low, kernel, bias])]
     got, want = results[tf.bfloat16], results[tf.float32]
