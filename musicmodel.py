@@ -181,10 +181,10 @@ class MusicModel(keras.Model):
         x = self.drop(x, training=training)
         return (self.head(x) if self.tie_embeddings else x), finals
 
-    def output_layer(self, training: bool = False) -> tuple:
+    def output_layer(self) -> tuple:
         """(kernel float32 [dims, songs], bias float32 [songs]) that score the queries."""
         if self.tie_embeddings:  # row s + 1 embeds song s; row 0 is padding
-            vectors, bias = self.song_table(training)
+            vectors, bias = self.song_table()
             return ops.transpose(vectors), bias
         return self.head.kernel, self.head.bias
 
