@@ -296,7 +296,8 @@ class MusicModel(keras.Model):
         return queries, logits
 
     def make_test_function(self, force: bool = False):
-        """Evaluation is never XLA-compiled: its loop over real events has a dynamic trip count."""
+        """The evaluation loop over real events (a dynamic trip count) is never XLA-compiled;
+        each chunk of it is (`rank_chunk`)."""
         jit_compile, self.jit_compile = self.jit_compile, False
         try:
             return super().make_test_function(force)
@@ -304,29 +305,33 @@ class MusicModel(keras.Model):
             self.jit_compile = jit_compile
 
     def test_step(self, data):
-        """Full-catalog metrics of the real events only, `EVAL_CHUNK` events at a time.
-
-        Padding (often most of a test window) is dropped first, so it costs no logits.
-        """
+        """Full-catalog metrics of the real events only (padding, often most of a test window,
+        costs no logits), `EVAL_CHUNK` at a time; weight-0 events fill the last chunk."""
         (tokens, reset), targets, weights = data
         queries = self((tokens, reset), training=False, queries=True)
-        queries, targets, weights, tokens = real_events(weights, queries, targets, weights, tokens)
-        real = tf.size(weights)
+        events = real_events(weights, queries, targets, weights, tokens)
+        real = tf.size(events[2])
+        fill = (-real) % EVAL_CHUNK
+        queries, targets, weights, tokens = (
+            tf.pad(t, [[0, fill]] + [[0, 0]] * (len(t.shape) - 1)) for t in events
+        )
 
         def score_chunk(start):
             chunk = slice(start, start + EVAL_CHUNK)
-            logits = self.scores(queries[chunk], tokens[chunk])
-            chunk_targets = targets[chunk]
-            log_probs = -ops.sparse_categorical_crossentropy(
-                chunk_targets, logits, from_logits=True
-            )
-            ranks = metrics.pessimistic_ranks(logits, chunk_targets)
-            chunk_weights = weights[chunk]
-            self.ranking.update_state(ranks, log_probs, sample_weight=chunk_weights)
+            ranks, log_probs = self.rank_chunk(queries[chunk], tokens[chunk], targets[chunk])
+            self.ranking.update_state(ranks, log_probs, sample_weight=weights[chunk])
             return start + EVAL_CHUNK
 
         tf.while_loop(lambda start: start < real, score_chunk, [tf.constant(0)])
         return self.ranking.result()
+
+    @tf.function(jit_compile=True)
+    def rank_chunk(self, queries, tokens, targets):
+        """(pessimistic ranks, log-probabilities) of `targets` [EVAL_CHUNK], in one XLA program:
+        the passes over the [EVAL_CHUNK, songs] scores fuse instead of each writing a matrix."""
+        scores = self.scores(queries, tokens)
+        log_probs = -ops.sparse_categorical_crossentropy(targets, scores, from_logits=True)
+        return metrics.pessimistic_ranks(scores, targets), log_probs
 
 
 def check_num_sampled(num_sampled: int, num_songs: int) -> None:

@@ -64,6 +64,26 @@ def test_padding_changes_neither_loss_nor_metrics():
         assert after[key] == pytest.approx(before[key], abs=1e-6), key
 
 
+def test_evaluation_in_filled_chunks_equals_the_metrics_of_the_logits(monkeypatch):
+    # 12 events scored 5 at a time: chunks of 5, 5 and 2 real + 3 weight-0 fill events. The
+    # metrics must be those of the model's own logits, ranked and log-softmaxed in numpy.
+    monkeypatch.setattr(musicmodel, "EVAL_CHUNK", 5)
+    model = tiny_model(batch_size=3)
+    windows = yes_reader.make_windows(PLAYLISTS, 3, num_steps=8)
+    assert windows.inputs.shape[0] == 1  # one window: its logits come from the zero state
+    got = evaluate(model, windows)
+    logits, _ = model.forward(windows.inputs[0], model.zero_state(3))
+    real = windows.weights[0] > 0
+    logits, targets = np.asarray(logits)[real], windows.targets[0][real]
+    target_logits = logits[np.arange(len(targets)), targets][:, None]
+    ranks = (logits >= target_logits).sum(-1)
+    log_probs = target_logits[:, 0] - np.log(np.exp(logits).sum(-1))
+    assert got["events"] == len(targets) == 12
+    assert got["recall@5"] == pytest.approx(np.mean(ranks <= 5), abs=1e-6)
+    assert got["mrr@20"] == pytest.approx(np.mean(1.0 / ranks), abs=1e-6)
+    assert got["log_likelihood"] == pytest.approx(log_probs.mean(), abs=1e-5)
+
+
 def test_reset_flag_restarts_a_row_from_zero_state():
     # Row 0 reads playlist A then playlist B with reset; B's logits must equal a fresh run of B.
     model = tiny_model(batch_size=2)
