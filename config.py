@@ -182,6 +182,7 @@ class Config:
         "checkpoint to resume.",
         tasks=NEXT_SONG,
     )
+    song_init: str = flagspec.song_init()
     strategy: str = _field(
         "default",
         "training",

@@ -125,6 +125,17 @@ def transition_width() -> Any:
     return field(128, "model", text, bound=POSITIVE, tasks=NEXT_SONG)
 
 
+SONG_INITS = ("random", "cooccurrence")  # see warmstart.py
+
+
+def song_init() -> Any:
+    """`--song_init` (a training flag of --task=next_song)."""
+    text = "Where the song embedding table starts: random (Keras' uniform) or cooccurrence: a "
+    text += "truncated SVD of the songs' positive PMI within 2 positions in the training "
+    text += "playlists (warmstart.py), so songs heard together start close."
+    return field("random", "training", text, choices=SONG_INITS, tasks=NEXT_SONG)
+
+
 VALID_SPLITS = ("auto", "random", "tail")  # see yes_reader.split_validation
 
 

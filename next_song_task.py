@@ -166,6 +166,7 @@ class NextSongTask:
                 transition_tables(config, data),
                 train_steps=config.num_epochs * windows.num_windows,
             )
+        warmstart.init_songs(model, config, data.train)
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)

@@ -1,10 +1,15 @@
-"""`--init_from`: a training that starts from another run's weights, catalog rows matched by
-song key (moved here from `musicmodel.py`, which was at its line limit)."""
+"""Where a training's song rows start: `--init_from` (another run's weights, catalog rows matched
+by song key) or `--song_init=cooccurrence` (the songs' co-occurrence in the training playlists)."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Sequence
 
+import numpy as np
+import scipy.sparse as sp
+from absl import logging
+
+import config as config_lib
 from errors import ConfigError
 from musicmodel import MusicModel
 
@@ -72,3 +77,57 @@ def init_from(
             )
         new_var.assign(value)
     return int((rows >= 0).sum())
+
+
+COOCCURRENCE_WINDOW = 2  # songs up to 2 positions apart in a playlist co-occur
+COOCCURRENCE_STD = 0.05  # the rows' spread (Keras' uniform init of the table: 0.029)
+
+
+def cooccurrence_rows(
+    playlists: Sequence[np.ndarray], num_songs: int, dims: int, seed: int
+) -> np.ndarray:
+    """float32 [num_songs, dims]: song s's row of a rank-`dims` factorisation of the songs'
+    positive PMI, so songs that occur near each other start near each other.
+
+    Counts n_ab of songs a, b at most `COOCCURRENCE_WINDOW` positions apart in a token playlist
+    (token = song id + 1), both ways; PPMI = max(0, log(n_ab n / (n_a c_b))), the context
+    counts c smoothed to the power 0.75 (Levy, Goldberg and Dagan 2015, "Improving
+    distributional similarity with lessons learned from word embeddings"). Rows: U sqrt(S) of a
+    randomized truncated SVD (Halko, Martinsson and Tropp 2011; 2 power iterations), scaled to
+    standard deviation `COOCCURRENCE_STD`. A song that co-occurs with none gets a zero row.
+    """
+    pairs = [
+        (p[:-d] - 1, p[d:] - 1) for p in playlists for d in range(1, COOCCURRENCE_WINDOW + 1)
+    ]
+    a, b = (np.concatenate([pair[i] for pair in pairs] or [np.zeros(0, int)]) for i in (0, 1))
+    counts = sp.coo_matrix(
+        (np.ones(2 * len(a), np.float64), (np.r_[a, b], np.r_[b, a])), (num_songs, num_songs)
+    ).tocsr()  # duplicates summed
+    rows, columns = counts.nonzero()
+    n_a = np.asarray(counts.sum(1)).ravel()
+    context = n_a**0.75
+    pmi = np.log(counts.data * context.sum() / (n_a[rows] * context[columns]))
+    ppmi = sp.csr_matrix((np.maximum(pmi, 0.0), (rows, columns)), counts.shape)
+    rng = np.random.default_rng(seed)
+    basis = ppmi @ rng.standard_normal((num_songs, min(dims + 20, num_songs)))
+    for _ in range(2):  # power iterations (PPMI is symmetric)
+        basis = ppmi @ (ppmi @ np.linalg.qr(basis)[0])
+    basis = np.linalg.qr(basis)[0]
+    u, s, _ = np.linalg.svd((ppmi @ basis).T, full_matrices=False)
+    out = np.zeros((num_songs, dims), np.float32)
+    vectors = (basis @ u[:, :dims]) * np.sqrt(s[:dims])
+    out[:, : vectors.shape[1]] = vectors
+    spread = out.std()
+    return out * (COOCCURRENCE_STD / spread) if spread > 0 else out
+
+
+def init_songs(model: MusicModel, config: config_lib.Config, playlists: Sequence[np.ndarray]) -> None:
+    """With `--song_init=cooccurrence`, sets the song rows of `model`'s embedding table (rows 1...;
+    with `--tie_embeddings` also its output rows) to `cooccurrence_rows` of the training token
+    `playlists`; the padding row stays."""
+    if config.song_init != "cooccurrence":
+        return
+    table = model.embedding.embeddings
+    rows = cooccurrence_rows(playlists, model.num_songs, table.shape[1], config.seed)
+    table.assign(np.concatenate([table.numpy()[:1], rows]))
+    logging.info("song rows initialised from co-occurrence in the training playlists")

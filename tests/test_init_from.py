@@ -168,3 +168,31 @@ def test_a_run_without_song_keys_is_refused(tmp_path):
     cfg = config_lib.make_config(dict(init_from=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"--init_from=.*: no .*song_keys.txt; that run is older"):
         next_song_task.load_init_source(cfg)
+
+
+def test_cooccurrence_rows_worked_by_hand():
+    # Songs 0, 1 only ever play together, as do songs 2, 3; song 4 is alone. Within 2 positions
+    # (both ways) n_01 = 3, n_00 = n_11 = 2, so every song of a pair has n = 5, PPMI(0, 1) =
+    # log(3 * 4 / 5) and PPMI(0, 0) = log(2 * 4 / 5): two equal blocks whose top eigenvector is
+    # (1, 1). At rank 2 the rows of a pair are equal, the two pairs orthogonal, song 4 is zero.
+    playlists = [np.array(p) for p in ([1, 2, 1, 2], [3, 4, 3, 4], [5])]
+    rows = warmstart.cooccurrence_rows(playlists, 5, 2, seed=0)
+    assert rows.shape == (5, 2) and rows.dtype == np.float32
+    np.testing.assert_allclose(rows[0], rows[1], atol=1e-6)
+    np.testing.assert_allclose(rows[2], rows[3], atol=1e-6)
+    assert abs(rows[0] @ rows[2]) < 1e-8 and np.all(rows[4] == 0)
+    assert np.linalg.norm(rows[0]) > 0 and rows.std() == pytest.approx(warmstart.COOCCURRENCE_STD)
+
+
+def test_song_init_sets_the_song_rows_and_keeps_the_padding_row():
+    config = config_lib.Config(embedding_size=2, hidden_size=3, batch_size=2)
+    model = musicmodel.build_model(config, 5)
+    before = model.embedding.embeddings.numpy()
+    playlists = [np.array(p) for p in ([1, 2, 1, 2], [3, 4, 3, 4], [5])]
+    warmstart.init_songs(model, config, playlists)  # --song_init=random: nothing changes
+    np.testing.assert_array_equal(model.embedding.embeddings.numpy(), before)
+    config = dataclasses.replace(config, song_init="cooccurrence", seed=3)
+    warmstart.init_songs(model, config, playlists)
+    table = model.embedding.embeddings.numpy()
+    np.testing.assert_array_equal(table[0], before[0])
+    np.testing.assert_array_equal(table[1:], warmstart.cooccurrence_rows(playlists, 5, 2, seed=3))
