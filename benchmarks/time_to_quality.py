@@ -36,6 +36,7 @@ import metrics
 import musicmodel
 import next_song_task
 import rundir
+import warmstart
 import yes_reader
 
 BAR = {"recall@20": 0.21, "mrr@20": 0.050}  # issue 18: test Recall@20 and MRR@20
@@ -61,14 +62,14 @@ def read_flags(path: str) -> dict:
 
 class QualityRecord(keras.callbacks.Callback):
     """Records, at each epoch end, the validation metrics in `logs` and the test metrics of
-    `evaluate_test()` against the seconds since training began, less the test evaluations."""
+    `evaluate_test()` against the seconds since the record was made (made before the model's
+    set-up, so that building it, its tables and its song rows count), less the test
+    evaluations."""
 
     def __init__(self, evaluate_test: Callable[[], dict], clock=time.perf_counter):
         super().__init__()
         self.evaluate_test, self.clock, self.rows = evaluate_test, clock, []
-
-    def on_train_begin(self, logs: dict | None = None) -> None:
-        self.start, self.rows = self.clock(), []
+        self.start = self.clock()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         seconds = self.clock() - self.start
@@ -102,17 +103,18 @@ def load_data(config: config_lib.Config, quick: bool) -> yes_reader.YesData:
 def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[dict]:
     """deepcf's training of `config`, recording quality against seconds."""
     keras.utils.set_random_seed(config.seed)
+    valid, test = (
+        yes_reader.make_windows(p, config.batch_size, config.num_steps)
+        for p in (data.valid, data.test)
+    )
+    record = QualityRecord(lambda: next_song_task.evaluate_windows(model, test))
     windows = yes_reader.make_windows(data.train, config.batch_size, config.num_steps)
     songs = data.catalog.size
     counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
     tables = next_song_task.transition_tables(config, data)
     steps = config.num_epochs * windows.num_windows
     model = musicmodel.build_model(config, songs, counts, None, tables, train_steps=steps)
-    valid, test = (
-        yes_reader.make_windows(p, config.batch_size, config.num_steps)
-        for p in (data.valid, data.test)
-    )
-    record = QualityRecord(lambda: next_song_task.evaluate_windows(model, test))
+    warmstart.init_songs(model, config, data.train)
     callbacks = [
         hooks.ValidationHook(lambda: next_song_task.evaluate_windows(model, valid)),
         record,
@@ -195,13 +197,14 @@ class PlainValidation(keras.callbacks.Callback):
 def train_plain(config: config_lib.Config, data: yes_reader.YesData) -> list[dict]:
     """The plain Keras `fit` of the same architecture, recording quality against seconds."""
     keras.utils.set_random_seed(config.seed)
-    train, valid, test = (
+    valid, test = (
         window_rows(yes_reader.make_windows(p, config.batch_size, config.num_steps))
-        for p in (data.train, data.valid, data.test)
+        for p in (data.valid, data.test)
     )
+    record = QualityRecord(lambda: evaluate(test))
+    train = window_rows(yes_reader.make_windows(data.train, config.batch_size, config.num_steps))
     model = plain_model(config, data.catalog.size)
     evaluate = plain_evaluator(model, config.batch_size)
-    record = QualityRecord(lambda: evaluate(test))
     model.fit(
         train[0],
         train[1],
