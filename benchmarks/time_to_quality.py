@@ -3,8 +3,8 @@
     python benchmarks/bench.py --time_to_quality [--quick] [--out docs/time_to_quality.json]
 
 Trains (a) deepcf with each flag file of `FLAG_FILES` on data/yes_big: `configs/best_rnn.flags` (the
-best single model on validation) and `configs/fast_rnn.flags` (the same model with batch 50, Adam
-4e-3 decayed linearly to 0 over 5 epochs), each with its `musicmodel.build_model`, data windows,
+best single model on validation) and `configs/fast_rnn.flags` (the same model from co-occurrence
+song rows, batch 50, Adam 4e-3 decayed linearly to 0 over 4 epochs), each with its `musicmodel.build_model`, data windows,
 validation hook and `validation_schedule`, as `--mode=train` runs them, without checkpoints,
 TensorBoard or projector files; and (b) in the same run a plain Keras `fit` of best_rnn.flags'
 architecture (`plain_model`: Embedding -> Dropout -> GRU -> Dropout -> Dense softmax, same sizes,

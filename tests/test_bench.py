@@ -165,13 +165,14 @@ def test_best_rnn_flags_read_into_a_config():
 
 
 @pytest.mark.smoke
-def test_fast_rnn_flags_are_best_rnn_with_a_five_epoch_linear_budget():
+def test_fast_rnn_flags_are_best_rnn_with_a_four_epoch_linear_budget_from_cooccurrence():
     import config as config_lib
 
     config = ttq.load_config(str(ROOT), "fast_rnn.flags", quick=False)
     best = config_lib.Config(**ttq.read_flags(str(ROOT / "configs" / "best_rnn.flags")))
     assert (config.cell, config.hidden_size, config.transition) == ("gru", 200, "markov")
-    assert (config.batch_size, config.learning_rate, config.num_epochs) == (50, 0.004, 5)
+    assert (config.batch_size, config.learning_rate, config.num_epochs) == (50, 0.004, 4)
+    assert config.song_init == "cooccurrence" and best.song_init == "random"
     assert config.lr_decay == "linear" and config.reduce_lr_patience == 0
     assert config.data_dir == str(ROOT / "data" / "yes_big") and best.batch_size == 100
     assert ttq.load_config(str(ROOT), "fast_rnn.flags", quick=True).num_epochs == 2
