@@ -96,9 +96,7 @@ def cooccurrence_rows(
     randomized truncated SVD (Halko, Martinsson and Tropp 2011; 2 power iterations), scaled to
     standard deviation `COOCCURRENCE_STD`. A song that co-occurs with none gets a zero row.
     """
-    pairs = [
-        (p[:-d] - 1, p[d:] - 1) for p in playlists for d in range(1, COOCCURRENCE_WINDOW + 1)
-    ]
+    pairs = [(p[:-d] - 1, p[d:] - 1) for p in playlists for d in range(1, COOCCURRENCE_WINDOW + 1)]
     a, b = (np.concatenate([pair[i] for pair in pairs] or [np.zeros(0, int)]) for i in (0, 1))
     counts = sp.coo_matrix(
         (np.ones(2 * len(a), np.float64), (np.r_[a, b], np.r_[b, a])), (num_songs, num_songs)
@@ -121,7 +119,9 @@ def cooccurrence_rows(
     return out * (COOCCURRENCE_STD / spread) if spread > 0 else out
 
 
-def init_songs(model: MusicModel, config: config_lib.Config, playlists: Sequence[np.ndarray]) -> None:
+def init_songs(
+    model: MusicModel, config: config_lib.Config, playlists: Sequence[np.ndarray]
+) -> None:
     """With `--song_init=cooccurrence`, sets the song rows of `model`'s embedding table (rows 1...;
     with `--tie_embeddings` also its output rows) to `cooccurrence_rows` of the training token
     `playlists`; the padding row stays."""

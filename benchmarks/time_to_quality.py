@@ -4,17 +4,18 @@
 
 Trains (a) deepcf with each flag file of `FLAG_FILES` on data/yes_big: `configs/best_rnn.flags` (the
 best single model on validation) and `configs/fast_rnn.flags` (the same model from co-occurrence
-song rows, batch 50, Adam 4e-3 decayed linearly to 0 over 4 epochs), each with its `musicmodel.build_model`, data windows,
-validation hook and `validation_schedule`, as `--mode=train` runs them, without checkpoints,
+song rows, batch 50, Adam 4e-3 decayed linearly to 0 over 4 epochs), each with its
+`musicmodel.build_model`, data windows, validation hook and `validation_schedule`, as
+`--mode=train` runs them, without checkpoints,
 TensorBoard or projector files; and (b) in the same run a plain Keras `fit` of best_rnn.flags'
 architecture (`plain_model`: Embedding -> Dropout -> GRU -> Dropout -> Dense softmax, same sizes,
 dropout, Adam rate and clipping, batch and window length; untied output layer, each 20-step window
 from a zero state, Keras' own loss) with best_rnn.flags' ReduceLROnPlateau and EarlyStopping on its
 own validation MRR@20. At every epoch end each records validation and test Recall@20 / MRR@20
-against the seconds of training so far; the test split is evaluated only for the record (never for a
-decision) and its evaluation time is not counted. Writes the JSON and a plot (test quality against
-seconds, all models) and reports the seconds each needed to reach the bar, `BAR`, or that it never
-did, and the plain model's seconds over each deepcf model's.
+against the seconds of set-up and training so far; the test split is evaluated only for the
+record (never for a decision) and its evaluation time is not counted. Writes the JSON and a plot
+(test quality against seconds, all models) and reports the seconds each needed to reach the bar,
+`BAR`, or that it never did, and the plain model's seconds over each deepcf model's.
 `--quick`: a slice of data/yes_small, 2 epochs (a smoke run of the whole pipeline).
 """
 

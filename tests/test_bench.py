@@ -138,8 +138,8 @@ def test_seconds_to_bar_is_the_first_epoch_with_both_test_metrics_at_the_bar():
 
 @pytest.mark.smoke
 def test_quality_record_does_not_count_the_test_evaluation():
-    # Fake clock: the record is made at 100 (set-up and training start); epoch 1 ends at 110 and its test evaluation takes 5 s
-    # (to 115); epoch 2 ends at 125, i.e. 10 + 10 training seconds and not 25.
+    # Fake clock: the record is made at 100 (set-up and training start); epoch 1 ends at 110
+    # and its test evaluation takes 5 s (to 115); epoch 2 ends at 125: 10 + 10 seconds, not 25.
     ticks = iter([100.0, 110.0, 115.0, 125.0, 127.0])
     tests = iter([{"recall@20": 0.1, "mrr@20": 0.01}, {"recall@20": 0.2, "mrr@20": 0.03}])
     record = ttq.QualityRecord(lambda: next(tests), clock=lambda: next(ticks))
