@@ -30,6 +30,7 @@ from neighbours import (
     popularity_probabilities,
     ranking_quality,
     song_counts,
+    song_pairs,
     validation_events,
 )
 
@@ -186,14 +187,9 @@ SR_UNIT = 2520  # the least common multiple of 1..10: rule weights 1/gap become 
 def rule_weights(playlists: Sequence[np.ndarray], num_songs: int, steps: int) -> sp.csr_matrix:
     """float64 [num_songs, num_songs] CSR: w_ab = SR_UNIT x the sum, over every time song b
     came d <= `steps` plays after song a in a playlist, of 1/d."""
-    a, b, w = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
-    for gap in range(1, steps + 1):
-        for p in (np.asarray(p, np.int64) - 1 for p in playlists if len(p) > gap):
-            a.append(p[:-gap])
-            b.append(p[gap:])
-            w.append(np.full(len(p) - gap, SR_UNIT // gap, np.float64))
-    data = (np.concatenate(w), (np.concatenate(a), np.concatenate(b)))
-    return sp.csr_matrix(data, shape=(num_songs, num_songs))
+    a, b, gaps = song_pairs(playlists, steps)
+    weights = (SR_UNIT // gaps).astype(np.float64)
+    return sp.csr_matrix((weights, (a, b)), shape=(num_songs, num_songs))
 
 
 class SequentialRules:

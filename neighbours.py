@@ -31,6 +31,18 @@ def song_counts(playlists: Sequence[np.ndarray], num_songs: int) -> np.ndarray:
     return np.bincount(tokens - 1, minlength=num_songs).astype(np.int64)
 
 
+def song_pairs(playlists: Sequence[np.ndarray], steps: int) -> tuple[np.ndarray, ...]:
+    """(a, b, gap) int64 [pairs]: every time song b came gap <= `steps` plays after song a in a
+    token playlist (song ids, token - 1)."""
+    a, b, gaps = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for gap in range(1, steps + 1):
+        for p in (np.asarray(p, np.int64) - 1 for p in playlists if len(p) > gap):
+            a.append(p[:-gap])
+            b.append(p[gap:])
+            gaps.append(np.full(len(p) - gap, gap, np.int64))
+    return np.concatenate(a), np.concatenate(b), np.concatenate(gaps)
+
+
 def popularity_probabilities(counts: np.ndarray) -> np.ndarray:
     """Add-one (Laplace) smoothed popularity, so unseen songs keep a finite log-likelihood."""
     return (counts + 1.0) / (counts.sum() + len(counts))

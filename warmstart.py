@@ -12,6 +12,7 @@ from absl import logging
 import config as config_lib
 from errors import ConfigError
 from musicmodel import MusicModel
+from neighbours import song_pairs
 
 
 def copy_matching_rows(new: np.ndarray, old: np.ndarray, rows: np.ndarray, axis: int) -> None:
@@ -96,8 +97,7 @@ def cooccurrence_rows(
     randomized truncated SVD (Halko, Martinsson and Tropp 2011; 2 power iterations), scaled to
     standard deviation `COOCCURRENCE_STD`. A song that co-occurs with none gets a zero row.
     """
-    pairs = [(p[:-d] - 1, p[d:] - 1) for p in playlists for d in range(1, COOCCURRENCE_WINDOW + 1)]
-    a, b = (np.concatenate([pair[i] for pair in pairs] or [np.zeros(0, int)]) for i in (0, 1))
+    a, b, _ = song_pairs(playlists, COOCCURRENCE_WINDOW)
     counts = sp.coo_matrix(
         (np.ones(2 * len(a), np.float64), (np.r_[a, b], np.r_[b, a])), (num_songs, num_songs)
     ).tocsr()  # duplicates summed
