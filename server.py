@@ -77,7 +77,9 @@ class Recommender:
     def __init__(self, model: MusicModel, index: names.SongIndex, config: config_lib.Config):
         self.index, self.top_k, self.exclude = index, config.top_k, config.exclude_history
         self.num_songs = model.num_songs
-        self.rank = {e: serving.ranking_function(model, e) for e in (True, False)}
+        self.rank = {  # concrete: a call skips the Python-side signature matching
+            e: serving.ranking_function(model, e).get_concrete_function() for e in (True, False)
+        }
         for rank in self.rank.values():  # compile the common shape before the first request
             rank(tf.constant([[0]]), tf.constant([1]), tf.constant(1))
 

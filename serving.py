@@ -27,23 +27,94 @@ def next_power_of_two(n):
 
 
 SERVE_WIDTH_STEP = 4  # histories are padded to a multiple of 4 songs for XLA
+CHECKS = (  # what `input_error` tests, in order; its code i > 0 names CHECKS[i - 1]
+    "every length must be >= 1",
+    "a length exceeds the history width",
+    "song ids must be >= 0",
+    "a song id is not in the catalog",
+    "k must be >= 1",
+    "k exceeds the catalog size",
+)
+HISTORY_SIGNATURE = [
+    tf.TensorSpec([None, None], tf.int32, name="history"),
+    tf.TensorSpec([None], tf.int32, name="length"),
+]
+
+
+def input_error(history, length, width, k, num_songs: int):
+    """0 if a request is valid, else 1 + the index in `CHECKS` of its first failed check (int32
+    []); `width` is the history's width before `padded_request`. Computed inside the XLA
+    program: one TF op per check would cost more than the model."""
+    songs = tf.where(tf.sequence_mask(length, tf.shape(history)[1]), history, 0)  # not padding
+    failed = tf.stack(
+        [
+            tf.reduce_any(length < 1),
+            tf.reduce_any(length > width),
+            tf.reduce_any(songs < 0),
+            tf.reduce_any(songs >= num_songs),
+            k < 1,
+            k > num_songs,
+        ]
+    )
+    first = tf.argmax(tf.cast(failed, tf.int32), output_type=tf.int32)
+    return tf.where(tf.reduce_any(failed), first + 1, 0)
+
+
+def checked(error, outputs: dict) -> dict:
+    """`outputs`, available only after an assertion that `error` (of `input_error`) is 0."""
+    message = tf.gather(tf.constant(("",) + CHECKS), error)
+    with tf.control_dependencies([tf.debugging.Assert(tf.equal(error, 0), [message])]):
+        return {name: tf.identity(value) for name, value in outputs.items()}
+
+
+def padded_request(history, length) -> tuple:
+    """(history, length, width before padding), padded to the few shapes XLA compiles for: the
+    batch to a power of two (rows of song 0, length 1), the width to a multiple of
+    `SERVE_WIDTH_STEP`."""
+    batch, width = tf.shape(history)[0], tf.shape(history)[1]
+    rows, columns = next_power_of_two(batch) - batch, -width % SERVE_WIDTH_STEP
+    history = tf.pad(history, [[0, rows], [0, columns]])
+    return history, tf.pad(length, [[0, rows]], constant_values=1), width
+
+
+def history_logits(model: MusicModel, exclude_history: bool, history, length) -> tuple:
+    """(logits [batch, songs] after each history's last song, logsumexp [batch, 1]), traced
+    inside XLA. The whole history runs from a zero state (no carried variables are read or
+    written); with `exclude_history` its songs get -inf (only padding scatters into column 0,
+    with +inf: a no-op)."""
+    tokens = tf.where(
+        tf.sequence_mask(length, tf.shape(history)[1]), history + 1, yes_reader.PAD_ID
+    )
+    queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
+    last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
+    logits = model.scores(last, tf.gather(tokens, length - 1, batch_dims=1))
+    log_norm = tf.reduce_logsumexp(logits, -1, keepdims=True)
+    if exclude_history:  # song t - 1 of token t
+        rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
+        where = tf.stack([rows, tf.maximum(tokens - 1, 0)], -1)
+        logits = tf.tensor_scatter_nd_min(logits, where, tf.where(tokens > 0, -np.inf, np.inf))
+    return logits, log_norm
+
+
+def probabilities(top, log_norm):
+    """exp(logit - logsumexp) of the ranked logits; -1 for an excluded song (-inf)."""
+    return tf.where(top > -np.inf, tf.exp(top - log_norm), -1.0)
 
 
 def ranking_function(
     model: MusicModel, exclude_history: bool
 ) -> tf.types.experimental.GenericFunction:
-    """The next `k` songs after each history, `k` given per call, as a `tf.function`.
+    """The next `k` songs after each history, `k` given per call, as a concrete function.
 
-    The whole history runs through `model.features` from a zero state (no carried variables are
-    read or written) and only the output after its last song is scored and ranked. That scoring
-    is XLA-compiled (TF's graph executor pays a per-op cost that dominates a 20-step LSTM at
-    batch 1; docs/results.md has the figures) and ranks the logits themselves: the songs of the
-    history get -inf and only the top `k` become probabilities, exp(logit - logsumexp(all
-    logits)), so no [batch, songs] softmax or mask is written. XLA compiles once per input
-    shape, so requests are padded to a few shapes first: the batch to a power of two, the
-    history width to a multiple of `SERVE_WIDTH_STEP`. Padding after a history's last song does
-    not change its scores (the model reads left to right). The top `k` are taken after the
-    compiled part, so any `k` costs no new compilation.
+    Validation, the recurrent pass and the scoring run as one XLA program (TF's graph executor
+    pays a per-op cost that dominates a 20-step LSTM at batch 1; docs/results.md has the
+    figures). The logits themselves are ranked: only the top `k` become probabilities, so no
+    [batch, songs] softmax or mask is written. XLA compiles once per input shape, so requests
+    are padded to a few shapes first (`padded_request`); padding after a history's last song
+    does not change its scores (the model reads left to right). The top `k` are taken after the
+    compiled part, so any `k` costs no new compilation. A hot loop calls its
+    `get_concrete_function()`, which skips the Python-side matching of the signature (as the
+    export's signatures do; docs/results.md).
 
     Args of the returned function:
       history: int32 [batch, time], song ids (0-based, as in song_hash.txt), oldest first;
@@ -54,54 +125,22 @@ def ranking_function(
     Returns of the returned function:
       {"song_ids": int32 [batch, k] best first, "scores": float32 [batch, k] the model's
       probability that the song comes next}; with `exclude_history`, songs of the history are
-      never returned (unless fewer than `k` other songs exist; their score is then -1).
+      never returned (unless fewer than `k` other songs exist; their score is then -1). An
+      invalid request raises `tf.errors.InvalidArgumentError` naming the check (`CHECKS`).
     """
-    num_songs = model.num_songs
 
     @tf.function(jit_compile=True)
-    def ranked_songs(tokens, length):
-        queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
-        last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
-        last_songs = tf.gather(tokens, length - 1, batch_dims=1)
-        logits = model.scores(last, last_songs)  # [batch, songs]; ranked as they are
-        log_norm = tf.reduce_logsumexp(logits, -1, keepdims=True)
-        if exclude_history:  # song t - 1 of token t gets -inf; padding (token 0) keeps column 0
-            rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))
-            where = tf.stack([rows, tf.maximum(tokens - 1, 0)], -1)
-            logits = tf.tensor_scatter_nd_min(logits, where, tf.where(tokens > 0, -np.inf, np.inf))
-        return logits, log_norm
+    def ranked_logits(history, length, width, k):
+        logits, log_norm = history_logits(model, exclude_history, history, length)
+        return logits, log_norm, input_error(history, length, width, k, model.num_songs)
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="history"),
-            tf.TensorSpec([None], tf.int32, name="length"),
-            tf.TensorSpec([], tf.int32, name="k"),
-        ]
-    )
+    @tf.function(input_signature=[*HISTORY_SIGNATURE, tf.TensorSpec([], tf.int32, name="k")])
     def recommend(history, length, k):
-        batch, width = tf.shape(history)[0], tf.shape(history)[1]
-        valid = tf.sequence_mask(length, width)
-        songs = tf.boolean_mask(history, valid)
-        checks = [
-            tf.debugging.assert_positive(length, message="every length must be >= 1"),
-            tf.debugging.assert_less_equal(
-                length, width, message="a length exceeds the history width"
-            ),
-            tf.debugging.assert_non_negative(songs, message="song ids must be >= 0"),
-            tf.debugging.assert_less(songs, num_songs, message="a song id is not in the catalog"),
-            tf.debugging.assert_positive(k, message="k must be >= 1"),
-            tf.debugging.assert_less_equal(k, num_songs, message="k exceeds the catalog size"),
-        ]
-        with tf.control_dependencies(checks):
-            tokens = tf.where(valid, history + 1, yes_reader.PAD_ID)
-        rows = next_power_of_two(batch) - batch
-        columns = -width % SERVE_WIDTH_STEP
-        tokens = tf.pad(tokens, [[0, rows], [0, columns]], constant_values=yes_reader.PAD_ID)
-        length = tf.pad(length, [[0, rows]], constant_values=1)
-        logits, log_norm = ranked_songs(tokens, length)
-        top, song_ids = tf.math.top_k(logits[:batch], k)
-        scores = tf.where(top > -np.inf, tf.exp(top - log_norm[:batch]), -1.0)
-        return {"song_ids": song_ids, "scores": scores}
+        batch = tf.shape(history)[0]
+        logits, log_norm, error = ranked_logits(*padded_request(history, length), k)
+        valid = checked(error, {"logits": logits[:batch]})
+        top, song_ids = tf.math.top_k(valid["logits"], k)
+        return {"song_ids": song_ids, "scores": probabilities(top, log_norm[:batch])}
 
     return recommend
 
@@ -109,18 +148,22 @@ def ranking_function(
 def serving_function(
     model: MusicModel, top_k: int, exclude_history: bool
 ) -> tf.types.experimental.GenericFunction:
-    """`ranking_function` with `k` fixed at `top_k`: the signature takes `history` and `length`
-    only and returns [batch, top_k] (the export's `serving_default`)."""
-    ranked = ranking_function(model, exclude_history)
+    """`ranking_function` with `k` fixed at `top_k`, the ranking inside the XLA program too:
+    the signature takes `history` and `length` only and returns [batch, top_k] (the export's
+    `serving_default`)."""
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None, None], tf.int32, name="history"),
-            tf.TensorSpec([None], tf.int32, name="length"),
-        ]
-    )
+    @tf.function(jit_compile=True)
+    def ranked(history, length, width):
+        logits, log_norm = history_logits(model, exclude_history, history, length)
+        top, song_ids = tf.math.top_k(logits, top_k)
+        error = input_error(history, length, width, top_k, model.num_songs)
+        return song_ids, probabilities(top, log_norm), error
+
+    @tf.function(input_signature=HISTORY_SIGNATURE)
     def recommend(history, length):
-        return ranked(history, length, tf.constant(top_k, tf.int32))
+        batch = tf.shape(history)[0]
+        song_ids, scores, error = ranked(*padded_request(history, length))
+        return checked(error, {"song_ids": song_ids[:batch], "scores": scores[:batch]})
 
     return recommend
 
@@ -144,15 +187,13 @@ def step_function(model: MusicModel, top_k: int) -> tf.types.experimental.Generi
     parts = 2 if model.cell == "lstm" else 1
 
     @tf.function(jit_compile=True)
-    def one_step(tokens, state):
+    def one_step(song, state):
         states = [tf.unstack(layer) for layer in tf.unstack(state)]
-        logits, finals = model.forward(tokens, states)
+        logits, finals = model.forward(song + 1, states)
         scores, song_ids = tf.math.top_k(tf.nn.softmax(logits[:, -1]), top_k)
-        return {
-            "song_ids": song_ids,
-            "scores": scores,
-            "state": tf.cast(tf.stack([tf.stack(f) for f in finals]), tf.float32),
-        }
+        error = input_error(song, tf.ones_like(song[:, 0]), 1, top_k, model.num_songs)
+        new_state = tf.cast(tf.stack([tf.stack(f) for f in finals]), tf.float32)
+        return {"song_ids": song_ids, "scores": scores, "state": new_state}, error
 
     @tf.function(
         input_signature=[
@@ -161,15 +202,8 @@ def step_function(model: MusicModel, top_k: int) -> tf.types.experimental.Generi
         ]
     )
     def step(song, state):
-        checks = [
-            tf.debugging.assert_non_negative(song, message="song ids must be >= 0"),
-            tf.debugging.assert_less(
-                song, model.num_songs, message="a song id is not in the catalog"
-            ),
-        ]
-        with tf.control_dependencies(checks):
-            tokens = song + 1
-        return one_step(tokens, state)
+        outputs, error = one_step(song, state)
+        return checked(error, outputs)
 
     return step
 

@@ -18,9 +18,10 @@ trains with `--precision=bfloat16` at 9,775 songs (3,168 with --quick), beside i
 
 Evaluation: events/s of the full-catalog `model.evaluate` of `--mode=eval` over the test split
 of data/yes_big (data/yes_small with --quick), after a first warm-up pass. Serving: top-20 after
-one 20-song history through `serving.serving_function` (the `--mode=recommend`/export path,
-history songs excluded as by default), one added song from carried state through
-`serving.step_function`, and batches of 1,000 histories.
+one 20-song history through the concrete function of `serving.serving_function` (the export's
+`serving_default` signature; history songs excluded as by default), one added song from carried
+state through `serving.step_function`'s (the export's `next_step`), and batches of 1,000
+histories.
 Weights are untrained: speed does not depend on their values.
 """
 
@@ -250,12 +251,12 @@ def run_serving(spec: dict) -> dict:
     catalog = spec["catalog"]
     model = seed_model(catalog)
     rng = np.random.default_rng(0)
-    recommend = serving.serving_function(model, SERVE_TOP_K, exclude_history=True)
+    recommend = serving.serving_function(model, SERVE_TOP_K, True).get_concrete_function()
     one = tf.constant(rng.integers(0, catalog, (1, HISTORY)), tf.int32)
     length = tf.constant([HISTORY], tf.int32)
     latency = percentiles_ms(lambda: recommend(one, length)["song_ids"].numpy(), spec["requests"])
 
-    step = serving.step_function(model, SERVE_TOP_K)
+    step = serving.step_function(model, SERVE_TOP_K).get_concrete_function()
     state = step(one[:, :1], tf.zeros([LAYERS, 2, 1, HIDDEN]))["state"]
     song = tf.constant([[7]], tf.int32)
     incremental = percentiles_ms(lambda: step(song, state)["song_ids"].numpy(), spec["requests"])

@@ -212,6 +212,39 @@ def test_ranking_function_takes_k_per_call_and_checks_it(model):
             ranked(padded, length, tf.constant(k))
 
 
+@pytest.mark.parametrize(
+    "history, length, why, step_songs",
+    [
+        ([[5, 6]], [0], "every length must be >= 1", None),
+        ([[5, 6]], [3], "a length exceeds the history width", None),
+        ([[5, -1], [7, 8]], [2, 1], "song ids must be >= 0", [[-1], [8]]),
+        ([[5, 6], [7, 3168]], [2, 2], "a song id is not in the catalog", [[5], [3168]]),
+        ([[3168, -6]], [0], "every length must be >= 1", None),  # the first failed check
+    ],
+)
+def test_every_serving_function_names_the_failed_check(model, history, length, why, step_songs):
+    # The checks run inside the XLA program; a failed one raises with its own message, from the
+    # k-per-call function, the fixed-k signature and (for song ids) the incremental step.
+    assert model.num_songs == 3168 and model.cell == "lstm"
+    history, length = tf.constant(history), tf.constant(length)
+    calls = [
+        lambda: serving.ranking_function(model, True)(history, length, tf.constant(3)),
+        lambda: serving.serving_function(model, 3, False).get_concrete_function()(history, length),
+    ]
+    if step_songs:
+        state = tf.zeros([model.num_layers, 2, len(step_songs), model.hidden_size])
+        step = serving.step_function(model, 3)
+        calls.append(lambda: step(tf.constant(step_songs), state))
+    for call in calls:
+        with pytest.raises(tf.errors.InvalidArgumentError, match=why):
+            call()
+
+
+def test_song_ids_past_the_length_are_padding_and_not_checked(model):
+    out = serving.ranking_function(model, True)(tf.constant([[5, -1, 9999]]), tf.constant([1]), 3)
+    assert out["song_ids"].shape == (1, 3) and 5 not in out["song_ids"].numpy()
+
+
 def test_recommend_by_external_keys_of_song_keys_txt(trained, tmp_path):
     import shutil
 
