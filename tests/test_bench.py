@@ -87,6 +87,24 @@ def test_step_seconds_is_the_lower_quartile_after_warmup(monkeypatch):
         bench.step_seconds(fit, 6, warmup=1)
 
 
+@pytest.mark.smoke
+def test_train_rounds_alternate_the_order_and_keep_each_best(monkeypatch):
+    # Specs A, B, C over 3 rounds run A B C, then C B A, then A B C, one process each. A fake
+    # worker answers each call with its call number (1..9) as transitions/s: A gets rounds 1, 6,
+    # 7 (best 7), B 2, 5, 8 (best 8), C 3, 4, 9 (best 9).
+    calls = []
+
+    def fake(specs):
+        calls.append(specs[0]["name"])
+        return [{"transitions_per_s": float(len(calls)), "call": len(calls)}]
+
+    monkeypatch.setattr(bench, "in_subprocess", fake)
+    best = bench.train_rounds([{"name": n} for n in "ABC"], rounds=3)
+    assert "".join(calls) == "ABCCBAABC"
+    assert [b["rounds"] for b in best] == [[1, 6, 7], [2, 5, 8], [3, 4, 9]]
+    assert [b["call"] for b in best] == [7, 8, 9]
+
+
 @pytest.mark.benchmark
 def test_quick_benchmark_writes_its_json(tmp_path):
     out = tmp_path / "bench.json"
@@ -113,9 +131,10 @@ def test_quick_benchmark_writes_its_json(tmp_path):
     for row in result["train"]:
         assert set(row) == {
             "catalog", "impl", "softmax", "precision", "transitions_per_s", "gflops",
-            "ceiling_fraction", "peak_rss_mb",
+            "ceiling_fraction", "peak_rss_mb", "rounds",
         }  # fmt: skip
         assert row["transitions_per_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["rounds"] == [row["transitions_per_s"]]  # --quick: one round
         ceiling = result[bench.ceiling_key(row)]
         assert abs(row["ceiling_fraction"] - row["gflops"] / ceiling) < 1e-9
     for key in ("latency_ms", "incremental_latency_ms"):
