@@ -104,7 +104,7 @@ def probabilities(top, log_norm):
 def ranking_function(
     model: MusicModel, exclude_history: bool
 ) -> tf.types.experimental.GenericFunction:
-    """The next `k` songs after each history, `k` given per call, as a concrete function.
+    """The next `k` songs after each history, `k` given per call, as a `tf.function`.
 
     Validation, the recurrent pass and the scoring run as one XLA program (TF's graph executor
     pays a per-op cost that dominates a 20-step LSTM at batch 1; docs/results.md has the

@@ -395,12 +395,7 @@ def main() -> int:
         action="store_true",
         help="seconds of training to a test-quality bar, deepcf vs plain Keras (see its module)",
     )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=2,
-        help="rounds over the training configurations, in alternating order; each keeps its best",
-    )
+    parser.add_argument("--rounds", type=int, default=2, help="training rounds (alternating order); each config keeps its best")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -432,24 +427,11 @@ def main() -> int:
     result = {k: v for k, v in outs[0].items() if k != "peak_rss_mb"}
     result["train"] = []
     for spec, out in zip(train, outs[1:], strict=False):
-        print(
-            f"  {spec['catalog']} {spec['impl']} {spec['softmax']} {spec.get('precision', '')}: "
-            f"{out['transitions_per_s']:.0f} transitions/s",
-            file=sys.stderr,
-        )
-        result["train"].append(
-            {
-                "catalog": spec["catalog"],
-                "impl": spec["impl"],
-                "softmax": spec["softmax"],
-                "precision": spec.get("precision", "float32"),
-                "transitions_per_s": out["transitions_per_s"],
-                "rounds": out["rounds"],
-                "gflops": out["gflops"],
-                "ceiling_fraction": out["gflops"] / result[ceiling_key(spec)],
-                "peak_rss_mb": out["peak_rss_mb"],
-            }
-        )
+        row = {k: spec[k] for k in ("catalog", "impl", "softmax")}
+        row["precision"] = spec.get("precision", "float32")
+        row.update({k: out[k] for k in ("transitions_per_s", "rounds", "gflops", "peak_rss_mb")})
+        row["ceiling_fraction"] = out["gflops"] / result[ceiling_key(spec)]
+        result["train"].append(row)
     result["eval_events_per_s"] = outs[-2]["eval_events_per_s"]
     result.update({k: v for k, v in outs[-1].items() if k != "peak_rss_mb"})
     print_table(result)
