@@ -395,7 +395,12 @@ def main() -> int:
         action="store_true",
         help="seconds of training to a test-quality bar, deepcf vs plain Keras (see its module)",
     )
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds (alternating order); each config keeps its best")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="training rounds (alternating order); each config keeps its best",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
