@@ -225,8 +225,12 @@ class Config:
         bound=NON_NEGATIVE,
     )
 
-    input: str = _import("", "CSV, JSON Lines or Spotify JSON files of plays; commas, globs.")
+    input: str = _import("", "CSV, TSV, JSON Lines or Spotify JSON files of plays; commas, globs.")
+    column_names: str = _import(
+        "", "The columns of CSV/TSV --input files without a header line, comma-separated."
+    )
     playlist_column: str = _column("playlist", "the playlist or session key", "sessions cut")
+    user_column: str = _column("user", "the listener; sessions are cut per listener", "one")
     order_column: str = _column("order", "integer positions or timestamps", "file order")
     song_column: str = _column("song", "an external song key", "title + artist")
     title_column: str = _column("title", "the song title", "")

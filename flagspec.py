@@ -67,6 +67,7 @@ def import_field(default: Any, help: str, **limits: Any) -> Any:
 SPLITS = ("auto", "random", "time")  # --mode=import, see importer.py
 COLUMNS = {  # --mode=import: column names found without a --<role>_column flag, first wins
     "playlist": ("playlist_id", "playlist", "session_id", "session", "pid"),
+    "user": ("user_id", "userid", "user", "username", "user_name", "listener_id", "listener"),
     "order": ("position", "pos", "timestamp", "ts", "endTime", "end_time", "time", "played_at"),
     "song": ("track_uri", "spotify_track_uri", "track_id", "song_id", "uri"),
     "title": ("trackName", "master_metadata_track_name", "title", "track_name", "track", "song"),

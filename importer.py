@@ -1,13 +1,14 @@
-"""`--mode=import`: a file of plays (CSV, JSON Lines, or a JSON array such as a Spotify
+"""`--mode=import`: a file of plays (CSV or TSV, JSON Lines, or a JSON array such as a Spotify
 StreamingHistory) becomes a deepcf data directory (`song_hash.txt`, `song_keys.txt`, `train.txt`,
 `test.txt`, `import.json`; docs/data_format.md).
 
-Steps, each counted in the printed summary: read rows → drop skips (`--min_ms_played`, if the file
-has msPlayed) → key songs (the external id, else normalised "title - artist") → playlists by
-their key column, else sessions cut at pauses over `--session_gap` minutes → collapse immediate
-repeats (unless `--keep_repeats`) → drop playlists of fewer than 2 songs → catalog ids in order of
-first appearance → test split (random by `--seed`, or the last `--test_fraction` of the time
-span). The directory is written under a temporary name beside `--data_dir` and renamed into place.
+Steps, each counted in the printed summary: read rows → drop skips (`--min_ms_played`, if the
+file has msPlayed) → key songs (the external id, else normalised "title - artist") → playlists
+by their key column, else each listener's sessions cut at pauses over `--session_gap` minutes →
+collapse immediate repeats (unless `--keep_repeats`) → drop playlists of fewer than 2 songs →
+catalog ids in order of first appearance → test split (random by `--seed`, or the last
+`--test_fraction` of the time span). The directory is written under a temporary name beside
+`--data_dir` and renamed into place.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import rundir
 from audio_reader import json_array_objects, open_text
 from errors import ConfigError, DataError
 
-ROLES = ("playlist", "order", "song", "title", "artist", "ms_played")
+ROLES = ("playlist", "user", "order", "song", "title", "artist", "ms_played")
 
 
 def _scalar(path: str, line: int, key: str, value: object) -> str:
@@ -57,25 +58,41 @@ def _json_lines(path: str, text: str) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{path}:{line}: JSON nested too deeply") from None
 
 
-def read_rows(path: str) -> tuple[list[str], list[dict[str, str]], list[int]]:
-    """The rows of a `.csv`, `.jsonl`/`.ndjson` or `.json` (array or JSON Lines) file of plays.
+def read_rows(
+    path: str, names: Sequence[str] = ()
+) -> tuple[list[str], list[dict[str, str]], list[int]]:
+    """The rows of a `.csv` or `.tsv` (tab-separated), `.jsonl`/`.ndjson` or `.json` (array or JSON
+    Lines) file of plays. A CSV/TSV file's columns are its header line, or `names` if given (the
+    file has no header line: each line is a play).
 
     Returns:
       (column names in order of first appearance, rows {column: text}, each row's line number).
       A CSV row with fields missing reads them as ''; a JSON object without a field lacks it.
+
+    Raises:
+      DataError `file:line:` for a row with more fields than `names`; ConfigError naming
+        --column_names for a JSON file.
     """
     text = open_text(path)
     rows, lines, columns = [], [], {}
-    if path.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text))
+    if path.endswith((".csv", ".tsv")):
+        delimiter = "\t" if path.endswith(".tsv") else ","
+        reader = csv.DictReader(io.StringIO(text), list(names) or None, delimiter=delimiter)
         columns = dict.fromkeys(reader.fieldnames or [])
         try:
             for r in reader:
+                if names and None in r:
+                    raise DataError(
+                        f"{path}:{reader.line_num}: {len(names) + len(r[None])} fields, but "
+                        f"--column_names gives {len(names)}"
+                    )
                 rows.append({k: v or "" for k, v in r.items() if k is not None})
                 lines.append(reader.line_num)
         except csv.Error as e:
             raise DataError(f"{path}:{reader.line_num}: {e}") from None
     elif path.endswith((".json", ".jsonl", ".ndjson")):
+        if names:
+            raise ConfigError(f"--column_names: {path} is JSON, whose plays name their fields")
         array = text.lstrip().startswith("[")
         for line, obj in (json_array_objects if array else _json_lines)(path, text):
             if not isinstance(obj, dict):
@@ -84,7 +101,7 @@ def read_rows(path: str) -> tuple[list[str], list[dict[str, str]], list[int]]:
             lines.append(line)
             columns.update(dict.fromkeys(obj))
     else:
-        raise DataError(f"{path}: unknown format (expected .csv, .jsonl, .ndjson or .json)")
+        raise DataError(f"{path}: unknown format (expected .csv, .tsv, .jsonl, .ndjson or .json)")
     if not rows:
         raise DataError(f"{path}: no plays")
     return list(columns), rows, lines
@@ -102,7 +119,7 @@ def read_inputs(config: config_lib.Config) -> tuple[list[str], list[dict], list[
         if not paths:
             raise DataError(f"--input={config.input}: no file matches {pattern}")
         for path in paths:
-            file_columns, file_rows, lines = read_rows(path)
+            file_columns, file_rows, lines = read_rows(path, config.paths("column_names"))
             columns.update(dict.fromkeys(file_columns))
             rows += file_rows
             where += [(path, line) for line in lines]
@@ -189,9 +206,10 @@ def parse_plays(
 def group_plays(
     plays: pd.DataFrame, is_time: bool, cols: dict[str, str], path: str, session_gap: float
 ) -> pd.DataFrame:
-    """The plays sorted into playlists, with `group` = the playlist's number (playlists in the
-    order of their first row, or sessions in time order, cut where the pause > `session_gap`
-    minutes). Plays with the same order keep their file order."""
+    """The plays sorted into playlists, with `group` = the playlist's number: playlists in the
+    order of their first row, or sessions in the order of their first play, each listener's
+    (user column) cut where the pause > `session_gap` minutes. Plays with the same order keep
+    their file order."""
     if cols["playlist"]:
         plays["group"] = pd.factorize(plays["playlist"])[0]
         return plays.sort_values(["group", "order"], kind="stable")
@@ -200,9 +218,17 @@ def group_plays(
             f"{path}: no playlist column and no timestamps to cut sessions at: give "
             "--playlist_column, or an --order_column of timestamps"
         )
-    plays = plays.sort_values("order", kind="stable")
-    plays["group"] = (plays["order"].diff() > pd.Timedelta(minutes=session_gap)).cumsum()
-    return plays
+    plays = plays.sort_values(["user", "order"], kind="stable")
+    new = (plays["user"] != plays["user"].shift()) | (
+        plays["order"].diff() > pd.Timedelta(minutes=session_gap)
+    )
+    session = new.cumsum()
+    start = plays.groupby(session)["order"].transform("first")
+    plays = plays.assign(start=start, session=session).sort_values(
+        ["start", "session"], kind="stable"
+    )
+    plays["group"] = pd.factorize(plays["session"])[0]
+    return plays.drop(columns=["start", "session"])
 
 
 def split_playlists(

@@ -122,6 +122,43 @@ def test_listening_log_cut_into_sessions_and_split_by_time(tmp_path):
     assert train + test == [[0, 1, 0, 2], [1, 0]]  # a 114-minute pause no longer cuts
 
 
+LISTENERS_TSV = """u1\t2024-01-01T10:00:00Z\tA\tX
+u2\t2024-01-01T10:01:00Z\tC\tX
+u1\t2024-01-01T10:03:00Z\tB\tX
+u2\t2024-01-01T10:04:00Z\tA\tX
+u1\t2024-01-01T12:00:00Z\tC\tX
+u1\t2024-01-01T12:02:00Z\tA\tX
+u2\t2024-01-01T11:00:00Z\tB\tX
+u2\t2024-01-01T11:05:00Z\tC\tX
+"""
+# By hand, sessions per listener (pauses > 30 min cut): u1 [A, B] from 10:00, [C, A] from
+# 12:00; u2 [C, A] from 10:01, [B, C] from 11:00; in order of their first play: [A, B], [C, A],
+# [B, C], [C, A]; ids A 0, B 1, C 2. Span 10:00 .. 12:02; --test_fraction=0.5: test = the
+# sessions starting at or after 11:01 = u1's [C, A]. Cut in time order without the listener
+# column, the log would give [A, C, B, A], [B, C], [C, A] (ids A 0, C 1, B 2).
+
+
+def test_headerless_tsv_log_of_two_listeners_is_cut_per_listener(tmp_path):
+    names = "user,ts,title,artist"
+    report = run_import(tmp_path, "log.tsv", LISTENERS_TSV, column_names=names, test_fraction=0.5)
+    _, keys, train, test = read_dir(tmp_path / "data")
+    assert keys == ["a - x", "b - x", "c - x"]
+    assert (train, test) == ([[0, 1], [2, 0], [1, 2]], [[2, 0]])
+    assert "columns: user=user, order=ts, title=title, artist=artist" in report[0]
+    names = "listener_name,ts,title,artist"  # not a listener column: one log, cut in time
+    run_import(tmp_path, "log.tsv", LISTENERS_TSV, column_names=names, overwrite=True)
+    _, _, train, test = read_dir(tmp_path / "data")
+    assert train + test == [[0, 1, 2, 0], [2, 1], [1, 0]]
+
+
+def test_column_names_checked(tmp_path):
+    with pytest.raises(DataError, match=r"log.tsv:2: 5 fields, but --column_names gives 4"):
+        run_import(tmp_path, "log.tsv", "u\t1\tA\tX\nu\t2\tB\tX\textra\n", column_names="u,t,a,b")
+    with pytest.raises(ConfigError, match=r"--column_names: .*l.jsonl is JSON"):
+        run_import(tmp_path, "l.jsonl", '{"ts": 1}\n', column_names="ts")
+    assert not (tmp_path / "data").exists()
+
+
 def test_spotify_history_json_read_directly(tmp_path):
     history = ROOT / "data" / "harry2687-spotify-2023" / "StreamingHistory_music_2.json"
     given = dict(input=str(history), data_dir=str(tmp_path / "data"))
