@@ -26,6 +26,8 @@ from neighbours import (
     CHUNK,
     VSTAN,
     SessionKNN,
+    history_matrix,
+    latest_positions,
     normalised,
     popularity_probabilities,
     ranking_quality,
@@ -229,6 +231,57 @@ class SequentialRules:
         return None  # rule weights are not a probability model
 
 
+REPEAT_DECAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 1e9)  # repeat's λ, searched on validation
+
+
+class Repeat:
+    """The session's own songs again: score(j) = e^((p - L) / λ) for a song j of the history
+    (p its latest 1-based position, L the history's length), 0 for any other; equal scores are
+    ordered by popularity. The one baseline that ranks a song never heard in training, once the
+    session has played it. λ is the `REPEAT_DECAYS` value with the best validation
+    log-likelihood over the events whose target is in their history, unless given."""
+
+    def __init__(
+        self, train: Sequence[np.ndarray], valid: Sequence[np.ndarray], num_songs: int,
+        decay: float | None = None,
+    ):  # fmt: skip
+        self.num_songs, self.counts = num_songs, song_counts(train, num_songs)
+        self.p_pop = popularity_probabilities(self.counts)
+        self.pop_base = float(self.counts.max() + 1)
+        if decay is None:
+            histories, targets = validation_events(valid, "repeat")
+            repeats = [i for i, (h, t) in enumerate(zip(histories, targets, strict=True)) if t in h]
+            histories, targets = [histories[i] for i in repeats], targets[repeats]
+            fits = []
+            for candidate in REPEAT_DECAYS:
+                self.decay = candidate
+                p = self.probabilities(histories) if repeats else np.ones((0, 1))
+                fits.append(float(np.log(p[np.arange(len(targets)), targets]).sum()))
+            decay = REPEAT_DECAYS[int(np.argmax(fits))]
+            logging.info(
+                "repeat: λ %g (validation log-likelihood of %d repeats)", decay, len(targets)
+            )
+        self.decay = decay
+
+    def _weights(self, histories: list[np.ndarray]) -> np.ndarray:
+        return history_matrix(histories, self.num_songs, self.decay).toarray()
+
+    def scores(self, histories: list[np.ndarray]) -> np.ndarray:
+        """Exact keys: a history song's latest position x (1 + the largest count), plus the
+        count; the weights fall with the distance, so the order is theirs for any λ."""
+        rows, songs, positions, _ = latest_positions(histories)
+        key = np.tile(self.counts.astype(np.float64), (len(histories), 1))
+        key[rows, songs] += positions * self.pop_base
+        return key
+
+    def probabilities(self, histories: list[np.ndarray]) -> np.ndarray:
+        """The weights divided by their sum: 0 for songs outside the history (for blends)."""
+        return normalised(self._weights(histories), histories, False, self.p_pop)
+
+    def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
+        return None  # 0 for every song outside the history
+
+
 BASELINES: dict[str, Callable] = {
     "popularity": lambda data: Popularity(data.train, data.catalog.size),
     "markov": lambda data: Markov(data.train, data.valid, data.catalog.size),
@@ -236,6 +289,7 @@ BASELINES: dict[str, Callable] = {
     "sknn_history_last": lambda data: SessionKNN(data.train, data.catalog.size, True),
     "sr": lambda data: SequentialRules(data.train, data.valid, data.catalog.size),
     "vstan": lambda data: VSTAN(data.train, data.valid, data.catalog.size),
+    "repeat": lambda data: Repeat(data.train, data.valid, data.catalog.size),
 }
 
 

@@ -275,6 +275,31 @@ def test_sequential_rules_window_is_chosen_on_validation():
     assert baselines.SequentialRules(train, valid, 6).steps == 2
 
 
+def test_repeat_ranks_the_history_by_recency_then_popularity():
+    # History [2, 0, 2, 1] (L = 4, λ = 1): latest positions song 1 at 4, song 2 at 3, song 0 at
+    # 2: weights 1, e^-1, e^-2; songs 3 and 4 are not in it and go by popularity (3 before 4).
+    repeat = baselines.Repeat(TRAIN, [], NUM_SONGS, decay=1.0)
+    history = [np.array([2, 0, 2, 1])]
+    assert np.argsort(-repeat.scores(history)[0], kind="stable").tolist() == [1, 2, 0, 3, 4]
+    weights = np.array([math.exp(-2), 1.0, math.exp(-1), 0.0, 0.0])
+    np.testing.assert_allclose(repeat.probabilities(history)[0], weights / weights.sum())
+    assert repeat.log_likelihood(history, np.array([3])) is None
+
+
+@pytest.mark.parametrize(
+    "valid, decay",
+    [
+        # After [0, 1] the target 0 is the older song: p(0) = e^(-1/λ) / (1 + e^(-1/λ)) grows
+        # with λ, so the largest λ (uniform over the history) fits best.
+        ([[0, 1, 0]], baselines.REPEAT_DECAYS[-1]),
+        # After [0, 1] the target 1 is the latest song: p(1) = 1 / (1 + e^(-1/λ)) falls with λ.
+        ([[0, 1, 1]], baselines.REPEAT_DECAYS[0]),
+    ],
+)
+def test_repeat_decay_is_chosen_by_the_validation_likelihood_of_repeats(valid, decay):
+    assert baselines.Repeat(TRAIN, tokens(valid), NUM_SONGS).decay == decay
+
+
 def stan(**settings) -> neighbours.VSTAN:
     """V-STAN on TRAIN with every decay off unless given."""
     off = dict(position=math.inf, neighbour_position=math.inf, history_last=False)
