@@ -24,6 +24,7 @@ import yes_reader
 from errors import DataError
 
 COLD_STREAM = 17  # the cold songs are drawn from np.random.default_rng([--seed, COLD_STREAM])
+AUTO_COLD_SHARE = 0.05  # --side_features=auto: artist rows from this share of new val. targets
 
 
 def cold_songs(num_songs: int, fraction: float, seed: int) -> np.ndarray:
@@ -96,6 +97,26 @@ def song_tags(data_dir: str, num_songs: int) -> np.ndarray:
     for song, tags in enumerate(ids):
         out[song, tags] = 1.0 / max(len(tags), 1)
     return out
+
+
+def resolve_side_features(config: config_lib.Config, data: yes_reader.YesData) -> config_lib.Config:
+    """`config` with --side_features=auto decided on the validation split: "artist" if at least
+    `AUTO_COLD_SHARE` of its events have a target that no training playlist holds (a catalog
+    that moves, as in a log split by time), and the model has tied rows and the full softmax
+    that side features need; else "none". Other values are kept."""
+    if config.side_features != "auto":
+        return config
+    seen = np.zeros(data.catalog.size + 1, bool)
+    seen[np.concatenate([*data.train, np.zeros(0, np.int64)])] = True
+    targets = np.concatenate([p[1:] for p in data.valid] + [np.zeros(0, np.int64)])
+    share = float(1.0 - seen[targets].mean()) if len(targets) else 0.0
+    able = config.tie_embeddings and config.softmax == "full"
+    kind = "artist" if share >= AUTO_COLD_SHARE and able else "none"
+    logging.info(
+        "--side_features=auto: %s (%.1f %% of %d validation targets are not in training)",
+        kind, 100 * share, len(targets),
+    )  # fmt: skip
+    return dataclasses.replace(config, side_features=kind)
 
 
 def side_features(data_dir: str, catalog: yes_reader.Catalog, kind: str) -> SideFeatures | None:

@@ -92,12 +92,13 @@ def training(default: Any, help: str, **limits: Any) -> Any:
     return field(default, "training", help, tasks=NEXT_SONG, **limits)
 
 
-SIDE_FEATURES = ("none", "artist", "artist_tags")  # see coldstart.py
+SIDE_FEATURES = ("none", "artist", "artist_tags", "auto")  # see coldstart.py
 
 
 def side_features() -> Any:
     """`--side_features` (a model flag of --task=next_song; declared here, config.py is full)."""
-    text = "Song side features added to each song's tied rows: none, artist, artist_tags. "
+    text = "Song side features added to each song's tied rows: none, artist, artist_tags; auto: "
+    text += "artist if 5 %+ of the validation targets are not in training, else none. "
     text += "Needs --tie_embeddings and --softmax=full (coldstart.py, songrows.py)."
     return field("none", "model", text, choices=SIDE_FEATURES, tasks=NEXT_SONG)
 

@@ -118,6 +118,7 @@ class NextSongTask:
         cluster.check_batch_size(strategy, config.batch_size)
         keras.utils.set_random_seed(config.seed)
         data = coldstart.load(config)
+        config = coldstart.resolve_side_features(config, data)
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed, config.recency_half_life
         )

@@ -15,7 +15,10 @@ OWN_ROW_DROPOUT = 0.5  # a song's own rows are dropped in a training step this o
 
 
 def check_side_features(side_features: str, softmax: str, tie_embeddings: bool) -> None:
-    """Raises `ConfigError` naming --side_features unless "none" or with tied rows, full softmax."""
+    """Raises `ConfigError` naming --side_features unless "none" or with tied rows, full softmax;
+    "auto" must have been decided on the data first (`coldstart.resolve_side_features`)."""
+    if side_features == "auto":
+        raise ConfigError("--side_features=auto: decided by --mode=train on the data; not here")
     if side_features != "none" and (softmax != "full" or not tie_embeddings):
         raise ConfigError(
             f"--side_features={side_features}: needs --tie_embeddings and --softmax=full"

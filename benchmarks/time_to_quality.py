@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
+import coldstart
 import config as config_lib
 import hooks
 import metrics
@@ -114,7 +115,10 @@ def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[di
     counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
     tables = next_song_task.transition_tables(config, data)
     steps = config.num_epochs * windows.num_windows
-    model = musicmodel.build_model(config, songs, counts, None, tables, train_steps=steps)
+    config = coldstart.resolve_side_features(config, data)
+    side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
+    side_args = side and side.model_args()
+    model = musicmodel.build_model(config, songs, counts, side_args, tables, train_steps=steps)
     warmstart.init_songs(model, config, data.train)
     callbacks = [
         hooks.ValidationHook(lambda: next_song_task.evaluate_windows(model, valid)),

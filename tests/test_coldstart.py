@@ -40,6 +40,28 @@ def test_cold_songs_are_a_seeded_share_removed_from_training_and_validation_only
         coldstart.remove_cold(data, 0.95, seed=3)
 
 
+@pytest.mark.parametrize(
+    "valid, tied, kind",
+    [
+        # 20 validation targets, songs 1..20 (ids); training holds songs 0..19: one new target,
+        # song 20, is 5 %: artist rows.
+        ([list(range(21))], True, "artist"),
+        # Songs 0..19 only: no new target.
+        ([list(range(20))], True, "none"),
+        # The new target again, but untied rows cannot take side features.
+        ([list(range(21))], False, "none"),
+    ],
+)
+def test_auto_side_features_follow_the_share_of_new_validation_targets(valid, tied, kind):
+    catalog = yes_reader.Catalog(tuple("t" * 30), tuple("a" * 30))
+    data = yes_reader.YesData(catalog, tokens([list(range(20))]), tokens(valid), [])
+    given = dict(side_features="auto", tie_embeddings=tied)
+    config = coldstart.resolve_side_features(config_lib.make_config(given), data)
+    assert config.side_features == kind
+    fixed = config_lib.make_config(dict(side_features="artist_tags"))
+    assert coldstart.resolve_side_features(fixed, data) is fixed
+
+
 def test_cold_target_windows_weigh_only_events_with_a_cold_target():
     windows = yes_reader.make_windows(tokens([[0, 1, 2, 1]]), batch_size=1, num_steps=5)
     cold = np.array([False, True, False])
