@@ -108,6 +108,7 @@ class Config:
     batch_size: int = _field(
         100, "training", "Playlists per batch (UCL report: 100).", bound=POSITIVE
     )
+    min_updates_per_epoch: int = flagspec.min_updates_per_epoch()
     num_steps: int = _field(
         20,
         "training",

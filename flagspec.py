@@ -127,6 +127,13 @@ def transition_width() -> Any:
     return field(128, "model", text, bound=POSITIVE, tasks=NEXT_SONG)
 
 
+def min_updates_per_epoch() -> Any:
+    """`--min_updates_per_epoch` (a training flag of --task=next_song)."""
+    text = "If an epoch at --batch_size has fewer updates (windows) than this, train takes the "
+    text += "largest of 50, 20 that has as many (else 20); decided at train, kept in config.json."
+    return field(0, "training", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)
+
+
 SONG_INITS = ("random", "cooccurrence")  # see warmstart.py
 
 

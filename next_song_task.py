@@ -3,6 +3,7 @@ catalog, with its data, model, metrics, baselines, report, recommendations and e
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import keras
@@ -108,6 +109,31 @@ def transition_tables(config: config_lib.Config, data: yes_reader.YesData) -> di
     return baselines.successor_table(data.train, data.catalog.size, config.transition_width)
 
 
+SMALLER_BATCHES = (50, 20)  # --min_updates_per_epoch tries these below --batch_size
+
+
+def decide_auto(config: config_lib.Config, data: yes_reader.YesData) -> config_lib.Config:
+    """`config` with what training decides from the data: --side_features=auto
+    (`coldstart.resolve_side_features`) and, under --min_updates_per_epoch, a smaller batch for
+    a small training split (the largest of `SMALLER_BATCHES` below --batch_size whose
+    epoch has that many windows, else the smallest)."""
+    config = coldstart.resolve_side_features(config, data)
+    size = config.batch_size
+
+    def updates(batch: int) -> int:
+        return yes_reader.make_windows(data.train, batch, config.num_steps).num_windows
+
+    if config.min_updates_per_epoch and updates(size) < config.min_updates_per_epoch:
+        smaller = [b for b in SMALLER_BATCHES if b < size] or [size]
+        size = next((b for b in smaller if updates(b) >= config.min_updates_per_epoch), smaller[-1])
+        logging.info(
+            "--min_updates_per_epoch=%d: batch %d (%d updates an epoch; --batch_size=%d has %d)",
+            config.min_updates_per_epoch, size, updates(size), config.batch_size,
+            updates(config.batch_size),
+        )  # fmt: skip
+    return dataclasses.replace(config, batch_size=size)
+
+
 class NextSongTask:
     """Next-song classification over a Yes.com catalog."""
 
@@ -115,10 +141,10 @@ class NextSongTask:
 
     def train(self, config: config_lib.Config) -> None:
         strategy = cluster.make_strategy(config.strategy)  # before any other TensorFlow op
-        cluster.check_batch_size(strategy, config.batch_size)
         keras.utils.set_random_seed(config.seed)
         data = coldstart.load(config)
-        config = coldstart.resolve_side_features(config, data)
+        config = decide_auto(config, data)
+        cluster.check_batch_size(strategy, config.batch_size)
         windows = yes_reader.make_windows(
             data.train, config.batch_size, config.num_steps, config.seed, config.recency_half_life
         )

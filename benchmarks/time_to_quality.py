@@ -105,6 +105,7 @@ def load_data(config: config_lib.Config, quick: bool) -> yes_reader.YesData:
 def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[dict]:
     """deepcf's training of `config`, recording quality against seconds."""
     keras.utils.set_random_seed(config.seed)
+    config = next_song_task.decide_auto(config, data)
     valid, test = (
         yes_reader.make_windows(p, config.batch_size, config.num_steps)
         for p in (data.valid, data.test)
@@ -115,7 +116,6 @@ def train_deepcf(config: config_lib.Config, data: yes_reader.YesData) -> list[di
     counts = np.bincount(windows.targets[windows.weights > 0], minlength=songs)
     tables = next_song_task.transition_tables(config, data)
     steps = config.num_epochs * windows.num_windows
-    config = coldstart.resolve_side_features(config, data)
     side = coldstart.side_features(config.data_dir, data.catalog, config.side_features)
     side_args = side and side.model_args()
     model = musicmodel.build_model(config, songs, counts, side_args, tables, train_steps=steps)
@@ -202,6 +202,7 @@ class PlainValidation(keras.callbacks.Callback):
 def train_plain(config: config_lib.Config, data: yes_reader.YesData) -> list[dict]:
     """The plain Keras `fit` of the same architecture, recording quality against seconds."""
     keras.utils.set_random_seed(config.seed)
+    config = next_song_task.decide_auto(config, data)
     valid, test = (
         window_rows(yes_reader.make_windows(p, config.batch_size, config.num_steps))
         for p in (data.valid, data.test)

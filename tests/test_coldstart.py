@@ -62,6 +62,19 @@ def test_auto_side_features_follow_the_share_of_new_validation_targets(valid, ti
     assert coldstart.resolve_side_features(fixed, data) is fixed
 
 
+@pytest.mark.parametrize("minimum, batch", [(0, 100), (1, 100), (2, 50), (3, 20), (4, 20)])
+def test_min_updates_per_epoch_takes_a_smaller_batch_for_a_small_split(minimum, batch):
+    import next_song_task
+
+    # 60 playlists of 3 songs, one 20-step window each: batch 100 makes 1 window an epoch,
+    # 50 makes 2 (60 = 50 + 10), 20 makes 3; none makes 4, so the smallest, 20, is taken.
+    catalog = yes_reader.Catalog(tuple("t" * 3), tuple("a" * 3))
+    data = yes_reader.YesData(catalog, tokens([[0, 1, 2]] * 60), tokens([[0, 1]]), [])
+    given = dict(batch_size=100, min_updates_per_epoch=minimum)
+    config = next_song_task.decide_auto(config_lib.make_config(given), data)
+    assert config.batch_size == batch
+
+
 def test_cold_target_windows_weigh_only_events_with_a_cold_target():
     windows = yes_reader.make_windows(tokens([[0, 1, 2, 1]]), batch_size=1, num_steps=5)
     cold = np.array([False, True, False])
