@@ -118,20 +118,20 @@ def decide_auto(config: config_lib.Config, data: yes_reader.YesData) -> config_l
     a small training split (the largest of `SMALLER_BATCHES` below --batch_size whose
     epoch has that many windows, else the smallest)."""
     config = coldstart.resolve_side_features(config, data)
-    size = config.batch_size
-
-    def updates(batch: int) -> int:
-        return yes_reader.make_windows(data.train, batch, config.num_steps).num_windows
-
-    if config.min_updates_per_epoch and updates(size) < config.min_updates_per_epoch:
-        smaller = [b for b in SMALLER_BATCHES if b < size] or [size]
-        size = next((b for b in smaller if updates(b) >= config.min_updates_per_epoch), smaller[-1])
+    minimum, size = config.min_updates_per_epoch, config.batch_size
+    if not minimum:
+        return config
+    updates = {}  # batch size -> windows an epoch, each counted once
+    for batch in (size, *(b for b in SMALLER_BATCHES if b < size)):
+        updates[batch] = yes_reader.make_windows(data.train, batch, config.num_steps).num_windows
+        if updates[batch] >= minimum:
+            break
+    if batch != size:
         logging.info(
             "--min_updates_per_epoch=%d: batch %d (%d updates an epoch; --batch_size=%d has %d)",
-            config.min_updates_per_epoch, size, updates(size), config.batch_size,
-            updates(config.batch_size),
+            minimum, batch, updates[batch], size, updates[size],
         )  # fmt: skip
-    return dataclasses.replace(config, batch_size=size)
+    return dataclasses.replace(config, batch_size=batch)
 
 
 class NextSongTask:
