@@ -157,6 +157,7 @@ class Config:
         tasks=NEXT_SONG,
     )
     recency_half_life: float = flagspec.recency_half_life()
+    recency_weighting: str = flagspec.recency_weighting()
     early_stopping_patience: int = _training(
         0,
         "Stop after N epochs without a better validation MRR@20, keep the best weights (0: off).",

@@ -163,6 +163,16 @@ def recency_half_life() -> Any:
     return field(0.0, "training", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)
 
 
+RECENCY_WEIGHTINGS = ("always", "time_split")
+
+
+def recency_weighting() -> Any:
+    """`--recency_weighting` (a training flag of --task=next_song)."""
+    text = "Where --recency_half_life applies: always; or time_split: only where --data_dir's "
+    text += "import.json says test.txt was split by time (lines in time order), elsewhere 0."
+    return field("always", "training", text, choices=RECENCY_WEIGHTINGS, tasks=NEXT_SONG)
+
+
 SAMPLED_STEPS = ("scaled", "plain")
 
 

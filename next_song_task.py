@@ -114,10 +114,17 @@ SMALLER_BATCHES = (50, 20)  # --min_updates_per_epoch tries these below --batch_
 
 def decide_auto(config: config_lib.Config, data: yes_reader.YesData) -> config_lib.Config:
     """`config` with what training decides from the data: --side_features=auto
-    (`coldstart.resolve_side_features`) and, under --min_updates_per_epoch, a smaller batch for
-    a small training split (the largest of `SMALLER_BATCHES` below --batch_size whose
-    epoch has that many windows, else the smallest)."""
+    (`coldstart.resolve_side_features`), --recency_half_life 0 under
+    --recency_weighting=time_split where --data_dir is not split by time, and, under
+    --min_updates_per_epoch, a smaller batch for a small training split (the largest of
+    `SMALLER_BATCHES` below --batch_size whose epoch has that many windows, else the smallest)."""
     config = coldstart.resolve_side_features(config, data)
+    timeless = config.recency_weighting == "time_split" and not yes_reader.split_by_time(
+        config.data_dir
+    )
+    if timeless and config.recency_half_life:
+        logging.info("--recency_weighting=time_split: not split by time, every playlist weighs 1")
+        config = dataclasses.replace(config, recency_half_life=0.0)
     minimum, size = config.min_updates_per_epoch, config.batch_size
     if not minimum:
         return config

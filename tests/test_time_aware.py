@@ -38,6 +38,23 @@ def test_recency_half_life_makes_the_model_learn_the_late_playlists(tmp_path):
     assert run["config"]["recency_half_life"] == 0.1
 
 
+def test_recency_weighting_time_split_keeps_the_half_life_only_for_a_time_split(tmp_path):
+    # The same lines twice: without import.json the half-life is dropped (every playlist weighs
+    # 1, as config.json records); with {"split": "time"} it is kept.
+    runs = {}
+    for split in ("random", "time"):
+        data = write_yes_dir(tmp_path / split, [EARLY] * 60 + [LATE] * 60, [LATE], num_songs=6)
+        if split == "time":
+            (data / "import.json").write_text(json.dumps({"split": "time"}))
+        cfg = train_small(
+            data, tmp_path / f"run_{split}", num_epochs=1, valid_fraction=0.0,
+            recency_half_life=0.1, recency_weighting="time_split",
+        )  # fmt: skip
+        runs[split] = json.load(open(os.path.join(cfg.model_dir, "config.json")))["config"]
+    assert runs["random"]["recency_half_life"] == 0.0
+    assert runs["time"]["recency_half_life"] == 0.1
+
+
 def test_valid_split_tail_trains_on_the_early_lines_only(tmp_path):
     # Half of the lines held out from the end: training sees only the early playlists.
     data = write_yes_dir(tmp_path / "data", [EARLY] * 60 + [LATE] * 60, [LATE], num_songs=6)
