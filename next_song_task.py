@@ -119,10 +119,8 @@ def decide_auto(config: config_lib.Config, data: yes_reader.YesData) -> config_l
     --min_updates_per_epoch, a smaller batch for a small training split (the largest of
     `SMALLER_BATCHES` below --batch_size whose epoch has that many windows, else the smallest)."""
     config = coldstart.resolve_side_features(config, data)
-    timeless = config.recency_weighting == "time_split" and not yes_reader.split_by_time(
-        config.data_dir
-    )
-    if timeless and config.recency_half_life:
+    weighted = config.recency_half_life and config.recency_weighting == "time_split"
+    if weighted and not yes_reader.split_by_time(config.data_dir):
         logging.info("--recency_weighting=time_split: not split by time, every playlist weighs 1")
         config = dataclasses.replace(config, recency_half_life=0.0)
     minimum, size = config.min_updates_per_epoch, config.batch_size
