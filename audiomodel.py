@@ -13,7 +13,6 @@ import keras
 from keras import layers, ops
 
 import config as config_lib
-import musicmodel
 import priors
 import recurrent
 
@@ -83,7 +82,7 @@ def build_audio_model(config: config_lib.Config, num_features: int) -> AudioFeat
         num_features=num_features,
         seq_len=config.seq_len,
         pred_steps=config.pred_steps,
-        **musicmodel.stack_args(config),
+        **recurrent.stack_args(config),
     )
     model.build()
     loss = AUDIO_LOSSES[config.loss]()

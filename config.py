@@ -92,9 +92,7 @@ class Config:
     hidden_size: int = _field(
         100, "model", "Recurrent state size (UCL report: 100).", bound=POSITIVE
     )
-    dropout: float = _field(
-        0.0, "model", "Dropout on embeddings and between layers.", bound=FRACTION
-    )
+    dropout: float = _field(0.0, "model", "Dropout on embeddings, between layers.", bound=FRACTION)
     tie_embeddings: bool = _field(
         False,
         "model",
@@ -104,6 +102,7 @@ class Config:
     side_features: str = flagspec.side_features()
     transition: str = flagspec.transition()
     transition_width: int = flagspec.transition_width()
+    repeat_window: int = flagspec.repeat_window()
     cold_fraction: float = flagspec.cold_fraction()
     batch_size: int = _field(
         100, "training", "Playlists per batch (UCL report: 100).", bound=POSITIVE

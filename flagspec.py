@@ -127,6 +127,13 @@ def transition_width() -> Any:
     return field(128, "model", text, bound=POSITIVE, tasks=NEXT_SONG)
 
 
+def repeat_window() -> Any:
+    """`--repeat_window` (a model flag of --task=next_song)."""
+    text = "Songs of the history's last this many plays get a learned logit bias by how many "
+    text += "plays ago they were played (repeats.py; 0: off; needs --softmax=full)."
+    return field(0, "model", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)
+
+
 def min_updates_per_epoch() -> Any:
     """`--min_updates_per_epoch` (a training flag of --task=next_song)."""
     text = "If an epoch at --batch_size has fewer updates (windows) than this, train takes the "

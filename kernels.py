@@ -304,7 +304,7 @@ class FusedAdam(keras.optimizers.Adam):
     Under a `tf.distribute` strategy, and with amsgrad, Keras' own update runs (unscaled).
 
     `scale_steps` multiplies the step of chosen variables entry by entry (the sampled softmax's
-    output rows, `musicmodel.scale_sampled_steps`); their update is `scaled_adam` (same formula).
+    output rows, `scale_sampled_steps`); their update is `scaled_adam` (same formula).
     """
 
     def scale_steps(self, variable, scale: np.ndarray) -> None:
@@ -358,3 +358,17 @@ class FusedAdam(keras.optimizers.Adam):
             epsilon=ops.cast(self.epsilon, variable.dtype),
             grad=tf.convert_to_tensor(ops.cast(gradient, variable.dtype)),
         )
+
+
+def scale_sampled_steps(model: keras.Model) -> None:
+    """Scales the Adam steps of each song's output row of a `MusicModel` (kernel column or tied
+    embedding row, and bias) by pi^(-1/4), pi the chance that the row is among a step's
+    negatives."""
+    scale = model.sampler.step_scales(model.num_sampled)
+    if model.tie_embeddings:  # row s + 1 embeds song s; the padding row keeps its steps
+        rows = [(model.embedding.embeddings, np.insert(scale, 0, 1.0)[:, None])]
+        rows.append((model.output_bias, scale))
+    else:
+        rows = [(model.head.kernel, scale), (model.head.bias, scale)]
+    for variable, row_scale in rows:
+        model.optimizer.scale_steps(variable, row_scale)

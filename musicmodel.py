@@ -17,6 +17,8 @@ from keras import layers, ops
 import config as config_lib
 import kernels
 import metrics
+import recurrent
+import repeats
 import songrows
 import transitions
 from errors import ConfigError
@@ -39,6 +41,14 @@ def real_events(weights, *tensors):
     return tuple(tf.boolean_mask(t, weights > 0) for t in tensors)
 
 
+def carried_variable(shape: tuple, name: str, dtype: str = "float32") -> keras.Variable:
+    """A zero variable carried from window to window, never trained; one copy per replica."""
+    return keras.Variable(
+        initializer="zeros", shape=shape, dtype=dtype, trainable=False,
+        synchronization="on_read", aggregation="only_first_replica", name=name,
+    )  # fmt: skip
+
+
 @keras.saving.register_keras_serializable(package="deepcf")
 class MusicModel(keras.Model):
     """Next-song model with per-row carried state.
@@ -59,12 +69,15 @@ class MusicModel(keras.Model):
     (`song_counts` 0) are left out of the training softmax and score through those rows alone.
     `transition="markov"` mixes a transition component into the softmax by a learned per-event
     gate (`transitions.TransitionMixture`, from `transition_tables`); logits are then the
-    mixture's log-probabilities.
+    mixture's log-probabilities. `repeat_window` > 0 adds a learned per-gap bias to the logits of
+    the songs of the last `repeat_window` plays (`repeats.RepeatBias`), which are carried across
+    windows like the state.
     """
 
     SAVED = ("num_songs", "cell", "num_layers", "embedding_size", "hidden_size", "dropout")
     SAVED += ("batch_size", "tie_embeddings", "loss_weighting")
     SAVED += ("side_features", "num_artists", "num_tags", "transition", "transition_width")
+    SAVED += ("repeat_window",)
 
     def __init__(
         self,
@@ -89,6 +102,7 @@ class MusicModel(keras.Model):
         transition: str = "none",
         transition_width: int = 128,
         transition_tables: dict | None = None,
+        repeat_window: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -126,18 +140,9 @@ class MusicModel(keras.Model):
         # One copy per replica (ON_READ), each holding the state of the whole global batch, so
         # checkpoints have the same layout under every strategy (see `call`, docs/scaling.md).
         with keras.name_scope(self.name):
+            shape = (batch_size, hidden_size)
             self.carried = [
-                [
-                    keras.Variable(
-                        initializer="zeros",
-                        shape=(batch_size, hidden_size),
-                        trainable=False,
-                        synchronization="on_read",
-                        aggregation="only_first_replica",
-                        name=f"carried_{i}_{j}",
-                    )
-                    for j in range(per_layer)
-                ]
+                [carried_variable(shape, f"carried_{i}_{j}") for j in range(per_layer)]
                 for i in range(num_layers)
             ]
         transitions.check_transition(transition)
@@ -147,6 +152,12 @@ class MusicModel(keras.Model):
             self.mixture = transitions.TransitionMixture(
                 num_songs, transition_width, dims, transition_tables, name="transition"
             )
+        repeats.check_repeat_window(repeat_window, softmax)
+        self.repeat_window, self.repeat = repeat_window, None
+        if repeat_window:
+            self.repeat = repeats.RepeatBias(repeat_window, name="repeat")
+            with keras.name_scope(self.name):
+                self.recent = carried_variable((batch_size, repeat_window), "recent_songs", "int32")
         self.ranking = metrics.RankingMetrics()
         self.loss_tracker = keras.metrics.Mean(name="loss")
 
@@ -188,22 +199,51 @@ class MusicModel(keras.Model):
             return ops.transpose(vectors), bias
         return self.head.kernel, self.head.bias
 
-    def scores(self, queries, tokens):
+    def scores(self, queries, tokens, repeat: tuple | None = None):
         """Logits float32 [..., songs] of `features` queries [..., dims] after `tokens` [...],
-        in float32 whatever the dtype policy (bfloat16 logits would tie many songs)."""
+        in float32 whatever the dtype policy (bfloat16 logits would tie many songs); with
+        `repeat` = (songs [..., length], bias [..., length]) the repeat bias added first."""
         if self.tie_embeddings:
             kernel, bias = self.output_layer()
             logits = ops.matmul(ops.cast(queries, "float32"), kernel) + bias
         else:
             logits = self.head(queries)
+        if repeat is not None:
+            logits = repeats.add_bias(logits, *repeat)
         if self.mixture is None:
             return logits
         return self.mixture.log_mixture(logits, queries, tokens)
 
-    def forward(self, tokens, states: list, training: bool = False):
-        """Pure forward pass: (logits [batch, time, songs], final states)."""
+    def forward(self, tokens, states: list, training: bool = False, history=None):
+        """Pure forward pass: (logits [batch, time, songs], final states); `history` [batch,
+        length] the tokens whose last `time` are `tokens` (for the repeat bias)."""
         queries, finals = self.features(tokens, states, training=training)
-        return self.scores(queries, tokens), finals
+        return self.scores(
+            queries, tokens, self.repeat_inputs(history, ops.shape(tokens)[1])
+        ), finals
+
+    def repeat_inputs(self, history, steps: int) -> tuple | None:
+        """(songs [batch, steps, length], bias) of `scores` for the last `steps` of `history`."""
+        if self.repeat is None or history is None:
+            return None
+        bias = self.repeat.window_bias(history, steps)
+        return ops.broadcast_to(history[:, None, :], ops.shape(bias)), bias
+
+    def replica_rows(self, variable):
+        """The rows of a carried `variable` that this replica's part of the batch uses."""
+        replica = tf.distribute.get_replica_context()  # None in a cross-replica context
+        if not replica or replica.num_replicas_in_sync == 1:
+            return variable
+        rows = self.batch_size // replica.num_replicas_in_sync
+        first = replica.replica_id_in_sync_group * rows
+        return variable[first : first + rows]
+
+    def recent_history(self, tokens, reset):
+        """int32 [batch, repeat_window + time]: the carried recent songs (none after a reset),
+        then `tokens`."""
+        keep = ops.expand_dims(ops.logical_not(ops.cast(reset, "bool")), -1)
+        recent = ops.where(keep, self.replica_rows(self.recent), 0)
+        return ops.concatenate([recent, ops.cast(tokens, "int32")], 1)
 
     def call(self, inputs, training: bool = False, queries: bool = False):
         """Runs a window from the carried state and carries its final state to the next window.
@@ -217,16 +257,21 @@ class MusicModel(keras.Model):
         replica = tf.distribute.get_replica_context()  # None in a cross-replica context
         replicas = replica.num_replicas_in_sync if replica else 1
         keep = ops.expand_dims(ops.logical_not(ops.cast(reset, "bool")), -1)
-        carried = self.carried
-        if replicas > 1:
-            rows = self.batch_size // replicas
-            first = replica.replica_id_in_sync_group * rows
-            carried = [[v[first : first + rows] for v in layer] for layer in self.carried]
-        states = [[ops.where(keep, v, 0.0) for v in layer] for layer in carried]
-        logits, finals = (self.features if queries else self.forward)(tokens, states, training)
-        for layer_vars, layer_finals in zip(self.carried, finals, strict=True):
-            for var, value in zip(layer_vars, layer_finals, strict=True):
-                var.assign(value if replicas == 1 else replica.all_gather(value, axis=0))
+        states = [
+            [ops.where(keep, self.replica_rows(v), 0.0) for v in layer] for layer in self.carried
+        ]
+        variables = [v for layer in self.carried for v in layer]
+        history = None if self.repeat is None else self.recent_history(tokens, reset)
+        if queries:
+            logits, finals = self.features(tokens, states, training)
+        else:
+            logits, finals = self.forward(tokens, states, training, history)
+        finals = [value for layer in finals for value in layer]
+        if history is not None:
+            variables.append(self.recent)
+            finals.append(history[:, -self.repeat_window :])
+        for var, value in zip(variables, finals, strict=True):
+            var.assign(value if replicas == 1 else replica.all_gather(value, axis=0))
         return logits
 
     @property
@@ -241,6 +286,7 @@ class MusicModel(keras.Model):
             count = ops.cast(ops.size(weights) * replica.num_replicas_in_sync, "float32")
         else:  # the mean over the real events of the window
             count = replica.all_reduce("sum", ops.sum(weights))
+        history = None if self.repeat is None else self.recent_history(tokens, reset)
         with tf.GradientTape() as tape:
             if self.sampler is not None:  # column 0: the target, then the negatives
                 queries, logits = self.sampled_logits(tokens, reset, targets)
@@ -249,14 +295,20 @@ class MusicModel(keras.Model):
                 )
             else:
                 queries = self((tokens, reset), training=True, queries=True)
+                rows, bias, first = self.softmax_rows()
                 events = (queries, targets, weights, tokens)
+                if history is not None:
+                    queries = ops.cast(queries, "float32")
+                    terms = self.repeat.loss_terms(queries, rows, bias, first, history, targets)
+                    events += terms
                 if self.jit_compile:  # XLA needs static shapes: every position gets logits
-                    events = (ops.reshape(t, (-1, *t.shape[2:])) for t in events)
+                    events = [ops.reshape(t, (-1, *t.shape[2:])) for t in events]
                 else:  # only the real events get logits: padding is ~half of a training window
                     events = real_events(weights, *events)
-                queries, targets, weights, tokens = events
-                rows, bias, first = self.softmax_rows()
+                queries, targets, weights, tokens = events[:4]
                 per_event = kernels.softmax_cross_entropy(queries, targets + first, rows, bias)
+                if history is not None:
+                    per_event = repeats.biased_cross_entropy(per_event, *events[4:])
             if self.mixture is not None:  # each event left out of the transition counts
                 log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
                 per_event = -log_p
@@ -308,17 +360,22 @@ class MusicModel(keras.Model):
         """Full-catalog metrics of the real events only (padding, often most of a test window,
         costs no logits), `EVAL_CHUNK` at a time; weight-0 events fill the last chunk."""
         (tokens, reset), targets, weights = data
+        history = None if self.repeat is None else self.recent_history(tokens, reset)
         queries = self((tokens, reset), training=False, queries=True)
-        events = real_events(weights, queries, targets, weights, tokens)
+        repeat = self.repeat_inputs(history, ops.shape(tokens)[1]) or ()
+        events = real_events(weights, queries, targets, weights, tokens, *repeat)
         real = tf.size(events[2])
         fill = (-real) % EVAL_CHUNK
-        queries, targets, weights, tokens = (
+        queries, targets, weights, tokens, *repeat = (
             tf.pad(t, [[0, fill]] + [[0, 0]] * (len(t.shape) - 1)) for t in events
         )
 
         def score_chunk(start):
             chunk = slice(start, start + EVAL_CHUNK)
-            ranks, log_probs = self.rank_chunk(queries[chunk], tokens[chunk], targets[chunk])
+            chunk_repeat = tuple(t[chunk] for t in repeat) or None
+            ranks, log_probs = self.rank_chunk(
+                queries[chunk], tokens[chunk], targets[chunk], chunk_repeat
+            )
             self.ranking.update_state(ranks, log_probs, sample_weight=weights[chunk])
             return start + EVAL_CHUNK
 
@@ -326,10 +383,10 @@ class MusicModel(keras.Model):
         return self.ranking.result()
 
     @tf.function(jit_compile=True)
-    def rank_chunk(self, queries, tokens, targets):
+    def rank_chunk(self, queries, tokens, targets, repeat=None):
         """(pessimistic ranks, log-probabilities) of `targets` [EVAL_CHUNK], in one XLA program:
         the passes over the [EVAL_CHUNK, songs] scores fuse instead of each writing a matrix."""
-        scores = self.scores(queries, tokens)
+        scores = self.scores(queries, tokens, repeat)
         log_probs = -ops.sparse_categorical_crossentropy(targets, scores, from_logits=True)
         return metrics.pessimistic_ranks(scores, targets), log_probs
 
@@ -341,16 +398,6 @@ def check_num_sampled(num_sampled: int, num_songs: int) -> None:
             f"--num_sampled={num_sampled}: must be in 1..{num_songs - 1} "
             f"(the catalog has {num_songs} songs)"
         )
-
-
-def stack_args(config: config_lib.Config) -> dict:
-    """The settings of the shared recurrent stack (`recurrent_stack`), as both models take them."""
-    return dict(
-        cell=config.cell,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        dropout=config.dropout,
-    )
 
 
 def build_model(
@@ -388,40 +435,15 @@ def build_model(
             transition=config.transition,
             transition_width=config.transition_width,
             transition_tables=transition_tables,
+            repeat_window=config.repeat_window,
             **(side or {}),
-            **stack_args(config),
+            **recurrent.stack_args(config),
         )
         model.build()
     # Keras also leaves XLA off under tf.distribute: collectives are not compiled on CPU.
     jit_compile = config.jit_compile and not tf.distribute.has_strategy()
-    rate = learning_rate(config, train_steps)
+    rate = recurrent.learning_rate(config, train_steps)
     compile_model(model, rate, config.max_grad_norm, jit_compile=jit_compile)
     if model.sampler is not None and config.sampled_steps == "scaled":
-        scale_sampled_steps(model)
+        kernels.scale_sampled_steps(model)
     return model
-
-
-def learning_rate(
-    config: config_lib.Config, train_steps: int
-) -> float | keras.optimizers.schedules.LearningRateSchedule:
-    """--learning_rate, or with --lr_decay=linear Keras' `PolynomialDecay` of it to 0 over the
-    run's `train_steps` optimizer steps: step i (from 0) of T trains at rate x (T - i) / T. The
-    schedule reads the optimizer's step count, so a resumed run goes on where it stopped."""
-    if config.lr_decay == "none":
-        return config.learning_rate
-    if train_steps < 1:
-        raise ValueError(f"--lr_decay={config.lr_decay} needs the run's number of steps")
-    return keras.optimizers.schedules.PolynomialDecay(config.learning_rate, train_steps, 0.0)
-
-
-def scale_sampled_steps(model: MusicModel) -> None:
-    """Scales the Adam steps of each song's output row (kernel column or tied embedding row,
-    and bias) by pi^(-1/4), pi the chance that the row is among a step's negatives."""
-    scale = model.sampler.step_scales(model.num_sampled)
-    if model.tie_embeddings:  # row s + 1 embeds song s; the padding row keeps its steps
-        rows = [(model.embedding.embeddings, np.insert(scale, 0, 1.0)[:, None])]
-        rows.append((model.output_bias, scale))
-    else:
-        rows = [(model.head.kernel, scale), (model.head.bias, scale)]
-    for variable, row_scale in rows:
-        model.optimizer.scale_steps(variable, row_scale)

@@ -49,7 +49,7 @@ def print_table(rows: dict[str, dict], top_ks: tuple[int, ...] = (1, 5, 10, 20, 
 
 def validation_schedule(config: config_lib.Config) -> list[keras.callbacks.Callback]:
     """What validation decides: Keras' ReduceLROnPlateau and EarlyStopping (best weights kept)
-    on validation MRR@20 (`--lr_decay` is the optimizer's schedule, `musicmodel.learning_rate`)."""
+    on validation MRR@20 (`--lr_decay` is the optimizer's schedule, `recurrent.learning_rate`)."""
     watch = dict(monitor="val_mrr@20", mode="max", verbose=1)
     out: list[keras.callbacks.Callback] = []
     if config.reduce_lr_patience:
@@ -323,13 +323,15 @@ class NextSongTask:
     def export(self, config: config_lib.Config) -> str:
         """Writes the serving SavedModel to model_dir/export/<version>/ and prints its path."""
         model = modeltrainer.load_model(config.model_dir)
+        signatures = {
+            "serving_default": serving.checked_serving_function(config, model),
+            "top_k": serving.ranking_function(model, config.exclude_history),  # k per call
+        }
+        if model.repeat is None:  # its carried state has no recent songs for the repeat bias
+            signatures["next_step"] = serving.step_function(model, config.top_k)
         path = modeltrainer.export_saved_model(
             model,
-            {
-                "serving_default": serving.checked_serving_function(config, model),
-                "top_k": serving.ranking_function(model, config.exclude_history),  # k per call
-                "next_step": serving.step_function(model, config.top_k),  # carried state
-            },
+            signatures,
             os.path.join(config.model_dir, modeltrainer.EXPORT_DIR),
             config.export_version,
         )

@@ -1,5 +1,6 @@
 """The recurrent stack the models share (LSTM|GRU layers that carry their state) and
-`compile_model`: Adam with clipping by global norm, for `musicmodel` and `audiomodel`."""
+`compile_model`: Adam with clipping by global norm (and `learning_rate`, its schedule), for
+`musicmodel` and `audiomodel`; `stack_args`, the stack's settings of a `Config`."""
 
 from __future__ import annotations
 
@@ -59,3 +60,26 @@ def compile_model(
         jit_compile=jit_compile,
     )
     model.optimizer.build(model.trainable_variables)
+
+
+def stack_args(config) -> dict:
+    """The settings of the shared recurrent stack (`recurrent_stack`), as both models take them."""
+    return dict(
+        cell=config.cell,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        dropout=config.dropout,
+    )
+
+
+def learning_rate(
+    config, train_steps: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """--learning_rate, or with --lr_decay=linear Keras' `PolynomialDecay` of it to 0 over the
+    run's `train_steps` optimizer steps: step i (from 0) of T trains at rate x (T - i) / T. The
+    schedule reads the optimizer's step count, so a resumed run goes on where it stopped."""
+    if config.lr_decay == "none":
+        return config.learning_rate
+    if train_steps < 1:
+        raise ValueError(f"--lr_decay={config.lr_decay} needs the run's number of steps")
+    return keras.optimizers.schedules.PolynomialDecay(config.learning_rate, train_steps, 0.0)

@@ -87,7 +87,10 @@ def history_logits(model: MusicModel, exclude_history: bool, history, length) ->
     )
     queries, _ = model.features(tokens, model.zero_state(tf.shape(tokens)[0]))
     last = tf.gather(queries, length - 1, batch_dims=1)  # only the last song is scored
-    logits = model.scores(last, tf.gather(tokens, length - 1, batch_dims=1))
+    repeat = None
+    if model.repeat is not None:  # the bias of each history song at the last position
+        repeat = (tokens, model.repeat.bias(tokens, (length - 1)[:, None])[:, 0])
+    logits = model.scores(last, tf.gather(tokens, length - 1, batch_dims=1), repeat)
     log_norm = tf.reduce_logsumexp(logits, -1, keepdims=True)
     if exclude_history:  # song t - 1 of token t
         rows = tf.broadcast_to(tf.range(tf.shape(tokens)[0])[:, None], tf.shape(tokens))

@@ -40,6 +40,7 @@ setup(
         "songrows",
         "warmstart",
         "transitions",
+        "repeats",
         "recurrent",
     ],
     install_requires=[

@@ -45,7 +45,7 @@ def init_from(
       ConfigError naming `where` (the flag) if a model setting differs or a shape does not fit.
     """
     settings = ("cell", "num_layers", "embedding_size", "hidden_size", "tie_embeddings")
-    for name in (*settings, "side_features", "num_tags", "transition"):  # the last 3 add weights
+    for name in (*settings, "side_features", "num_tags", "transition", "repeat_window"):  # weights
         if getattr(model, name) != getattr(old, name):
             raise ConfigError(
                 f"{where}: that model has {name}={getattr(old, name)}, this run "
