@@ -130,7 +130,8 @@ def transition_width() -> Any:
 def repeat_window() -> Any:
     """`--repeat_window` (a model flag of --task=next_song)."""
     text = "Songs of the history's last this many plays get a learned logit bias by how many "
-    text += "plays ago they were played (repeats.py; 0: off; needs --softmax=full)."
+    text += "plays ago they were last played and how often (repeats.py; 0: off; needs "
+    text += "--softmax=full)."
     return field(0, "model", text, bound=NON_NEGATIVE, tasks=NEXT_SONG)
 
 
