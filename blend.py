@@ -2,7 +2,9 @@
 
 A blend scores each event with a weighted mixture of its components' next-song probability
 distributions ("rnn": the model's softmax; the fitted baselines of `baselines.py`); weights are
-given, or chosen on the validation split by `--mode=eval` and recorded in metrics.json.
+given, or chosen on the validation split by `--mode=eval` and recorded in metrics.json, with
+whether the components that rank the history last take the model's probabilities there
+(`fill_history`).
 """
 
 from __future__ import annotations
@@ -72,12 +74,48 @@ def component_chunks(
         start, pending = ends[w], []
 
 
+def history_last(names: Sequence[str], fitted: dict) -> list[int]:
+    """Positions in `names` of the fitted components that rank the history last; none without
+    "rnn" in `names` (nothing to fill them with)."""
+    if "rnn" not in names:
+        return []
+    return [c for c, name in enumerate(names) if getattr(fitted.get(name), "history_last", False)]
+
+
+def fill_history(
+    stack: np.ndarray, names: Sequence[str], fitted: dict, histories: list[np.ndarray]
+) -> np.ndarray:
+    """float32 [components, events, songs]: `stack` with the model's probabilities on the
+    history songs of every component that ranks the history last (V-STAN, session-kNN).
+
+    Such a component gives a song of the history probability 0: it has nothing to say about
+    songs coming back, which the model scores (--repeat_window). Filled, it keeps its
+    distribution over the other songs, scaled to 1 - m, and takes p_rnn on the history songs
+    (m = p_rnn's mass there), so it stays a distribution and a blend does not dilute the model's
+    repeats.
+    """
+    out = np.array(stack, np.float32)
+    last = history_last(names, fitted)
+    if not last:
+        return out
+    seen = np.zeros(out.shape[1:], bool)
+    for row, history in enumerate(histories):
+        seen[row, history] = True
+    model = np.where(seen, out[list(names).index("rnn")], 0.0)
+    mass = model.sum(axis=1, keepdims=True)
+    for c in last:
+        rest = np.where(seen, 0.0, out[c])
+        out[c] = rest * ((1.0 - mass) / np.maximum(rest.sum(axis=1, keepdims=True), 1e-30)) + model
+    return out
+
+
 def evaluate_blends(
     blends: Sequence[dict[str, float]],
     fitted: dict,
     model,
     windows: yes_reader.Windows,
     exclude_history: bool = False,
+    fill: Sequence[bool] | None = None,
 ) -> list[dict]:
     """`metrics.report` of each blend p = sum_c w_c p_c(song | history) over every event.
 
@@ -91,15 +129,20 @@ def evaluate_blends(
       fitted: fitted baselines by name; model: the trained model (used only if "rnn" is blended).
       exclude_history: rank each event without the songs of its history, as --mode=recommend
         serves (`metrics.exclude_history`); the log-likelihood stays the blend's own.
+      fill: per blend, whether to `fill_history` first (default: none).
     """
     names = list(blends[0])
+    fill = list(fill or [False] * len(blends))
     rankings = [metrics.RankingMetrics() for _ in blends]
     weights = np.array([[blend[name] for name in names] for blend in blends], np.float32)
     weights /= weights.sum(axis=1, keepdims=True)
     for targets, histories, stack in component_chunks(names, fitted, model, windows):
-        stack = ops.convert_to_tensor(stack)  # faster than numpy (docs/results.md)
-        for ranking, row in zip(rankings, weights, strict=True):
-            blended = ops.tensordot(row, stack, axes=1)
+        stacks = {False: stack}
+        if any(fill):
+            stacks[True] = fill_history(stack, names, fitted, histories)
+        stacks = {k: ops.convert_to_tensor(v) for k, v in stacks.items()}  # faster than numpy
+        for ranking, row, filled in zip(rankings, weights, fill, strict=True):
+            blended = ops.tensordot(row, stacks[filled], axes=1)
             ranked = blended
             if exclude_history:
                 ranked = metrics.exclude_history(ops.convert_to_numpy(blended), histories)
@@ -117,20 +160,25 @@ def evaluate_blends(
 def choose_blend(
     names: Sequence[str], fitted: dict, model, valid: yes_reader.Windows, exclude: bool = False
 ) -> dict:
-    """The `simplex` weighting with the best validation Recall@20 x MRR@20, and its metrics
-    (ranked without each event's history if `exclude`)."""
-    grid = simplex(names)
-    reports = evaluate_blends(grid, fitted, model, valid, exclude)
+    """The `simplex` weighting, with and without `fill_history` where it changes the blend, with
+    the best validation Recall@20 x MRR@20, and its metrics (ranked without each event's history if
+    `exclude`): {"weights", "fill_history", "validation"}."""
+    last = [names[c] for c in history_last(names, fitted)]
+    grid = [(blend, False) for blend in simplex(names)]
+    grid += [(blend, True) for blend, _ in grid if any(blend[name] > 0 for name in last)]
+    blends, fill = [b for b, _ in grid], [f for _, f in grid]
+    reports = evaluate_blends(blends, fitted, model, valid, exclude, fill)
     best = int(np.argmax([r["recall"]["20"] * r["mrr"]["20"] for r in reports]))
-    for blend, report in zip(grid, reports, strict=True):
+    for (blend, filled), report in zip(grid, reports, strict=True):
         logging.info(
-            "blend %s: validation recall@20 %.4f, mrr@20 %.4f",
+            "blend %s%s: validation recall@20 %.4f, mrr@20 %.4f",
             blend,
+            ", history filled" if filled else "",
             report["recall"]["20"],
             report["mrr"]["20"],
         )
-    logging.info("chose blend %s on validation", grid[best])
-    return {"weights": grid[best], "validation": reports[best]}
+    logging.info("chose blend %s (fill_history %s) on validation", *grid[best])
+    return {"weights": blends[best], "fill_history": fill[best], "validation": reports[best]}
 
 
 def compare(
@@ -141,8 +189,9 @@ def compare(
     Baselines are fitted on the training playlists without the `cold` songs (bool [songs]).
 
     Returns:
-      {"baselines": {name: report}} and, with --blend, "blend": report + "weights" (+ the
-      "validation" report of the chosen weights when they were tuned); if any song is cold,
+      {"baselines": {name: report}} and, with --blend, "blend": report + "weights" +
+      "fill_history" (+ the "validation" report of the chosen ones when they were tuned; given
+      weights do not fill); if any song is cold,
       "cold": the same entries over the events whose target is cold.
     """
     data = coldstart.load(config)
@@ -155,14 +204,15 @@ def compare(
             name: evaluate(fitted[name], events, exclude) for name in config.baseline_names
         }
     }
+    fill = [False]
     if blend:
         tuned = {}
         if None in blend.values():
             valid = yes_reader.make_windows(data.valid, windows.inputs.shape[1], config.num_steps)
             tuned = choose_blend(list(blend), fitted, model, valid, exclude)
-            blend = tuned["weights"]
-        report = evaluate_blends([blend], fitted, model, windows, exclude)[0]
-        out["blend"] = {"weights": blend, **report}
+            blend, fill = tuned["weights"], [tuned["fill_history"]]
+        report = evaluate_blends([blend], fitted, model, windows, exclude, fill)[0]
+        out["blend"] = {"weights": blend, "fill_history": fill[0], **report}
         if tuned:
             out["blend"]["validation"] = tuned["validation"]
     if cold.any():
@@ -171,13 +221,14 @@ def compare(
         names = config.baseline_names
         out["cold"] = {"baselines": {n: evaluate(fitted[n], cold_events) for n in names}}
         if blend:
-            (report,) = evaluate_blends([blend], fitted, model, cold_windows)
-            out["cold"]["blend"] = {"weights": blend, **report}
+            (report,) = evaluate_blends([blend], fitted, model, cold_windows, False, fill)
+            out["cold"]["blend"] = {"weights": blend, "fill_history": fill[0], **report}
     return out
 
 
-def chosen_weights(config: config_lib.Config) -> dict[str, float]:
-    """--blend's weights: as given, else the ones `--mode=eval` chose (model_dir/metrics.json).
+def chosen_blend(config: config_lib.Config) -> tuple[dict[str, float], bool]:
+    """--blend's weights and `fill_history`: as given (no fill), else the ones `--mode=eval`
+    chose (model_dir/metrics.json).
 
     Raises:
       ConfigError naming --blend if no weights are given and eval has not chosen any for these
@@ -185,19 +236,21 @@ def chosen_weights(config: config_lib.Config) -> dict[str, float]:
     """
     blend = config.blend_weights
     if None not in blend.values():
-        return blend
+        return blend, False
     path = os.path.join(config.model_dir, "metrics.json")
-    weights = {}
+    chosen = {}
     if os.path.exists(path):
         with open(path) as f:
-            weights = json.load(f).get("blend", {}).get("weights", {})
+            chosen = json.load(f).get("blend", {})
+    weights = chosen.get("weights", {})
     if set(weights) != set(blend):
         raise ConfigError(
             f"--blend={config.blend}: no weights given and {path} holds none chosen for these "
             "components; run --mode=eval with this --blend first, or give the weights"
         )
-    logging.info("blend weights chosen by --mode=eval (%s): %s", path, weights)
-    return weights
+    fill = bool(chosen.get("fill_history", False))
+    logging.info("blend chosen by --mode=eval (%s): %s, fill_history %s", path, weights, fill)
+    return weights, fill
 
 
 def recommend_blend(
@@ -214,20 +267,25 @@ def recommend_blend(
       blended probability}; with --exclude_history, songs of the history come last (score -1).
     """
 
-    weights = chosen_weights(config)
+    weights, fill = chosen_blend(config)
     data = coldstart.load(config)
     fitted = fit(sorted(set(weights) - {"rnn"}), data)
-    num_songs, total = model.num_songs, sum(weights.values())
-    probs = np.zeros((len(histories), num_songs))
-    for name, weight in weights.items():
+    names = list(weights)
+    stack = []
+    for name in names:
         if name != "rnn":
-            probs += weight / total * fitted[name].probabilities(histories)
+            stack.append(fitted[name].probabilities(histories))
             continue
-        serve = serving.serving_function(model, num_songs, exclude_history=False)
+        serve = serving.serving_function(model, model.num_songs, exclude_history=False)
         out = serve(*serving.pad_histories(histories))  # every song, best first: scatter back
-        rnn = np.zeros_like(probs)
+        rnn = np.zeros((len(histories), model.num_songs))
         np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
-        probs += weight / total * rnn
+        stack.append(rnn)
+    row = np.array([weights[name] for name in names]) / sum(weights.values())
+    stack = np.array(stack)
+    if fill:
+        stack = fill_history(stack, names, fitted, histories)
+    probs = np.tensordot(row, stack, axes=1)
     if config.exclude_history:
         for row, history in enumerate(histories):
             probs[row, history] = -1.0

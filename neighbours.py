@@ -295,6 +295,11 @@ class VSTAN:
         logging.info("vstan: %s (validation recall@20 x mrr@20 %.5f)", self.settings, best)
         return self.settings
 
+    @property
+    def history_last(self) -> bool:
+        """Whether songs of the history are ranked below all others (probability 0)."""
+        return self.settings.history_last
+
     def neighbour_scores(self, histories: list[np.ndarray]) -> np.ndarray:
         """float64 [events, num_songs]: the V-STAN score of every song (0: in no neighbour)."""
         s, num_songs = self.settings, self.num_songs

@@ -174,6 +174,27 @@ def test_blend_mixes_per_event_probabilities():
     assert alone["log_likelihood"] == pytest.approx(markov_alone["log_likelihood"], rel=1e-5)
 
 
+def test_fill_history_by_hand():
+    # Event with history [3, 1]: p_rnn [.1, .2, .3, .4] puts m = .2 + .4 = .6 on the history.
+    # A history-last component [.5, 0, .5, 0] keeps its shape off the history, scaled to
+    # 1 - m = .4: [.2, 0, .2, 0], and takes p_rnn there: [.2, .2, .2, .4] (sums to 1).
+    # Markov does not rank the history last: unchanged, like the model itself.
+    stack = np.array([[[0.1, 0.2, 0.3, 0.4]], [[0.5, 0.0, 0.5, 0.0]], [[0.7, 0.1, 0.1, 0.1]]])
+    names = ["rnn", "knn", "markov"]
+    fitted = {
+        "knn": baselines.SessionKNN(TRAIN, NUM_SONGS, history_last=True),
+        "markov": baselines.Markov(TRAIN, [], NUM_SONGS, beta=1.0),
+    }
+    filled = blend.fill_history(stack, names, fitted, [np.array([3, 1])])
+    np.testing.assert_allclose(filled[1, 0], [0.2, 0.2, 0.2, 0.4], rtol=1e-6)
+    np.testing.assert_allclose(filled[[0, 2]], stack[[0, 2]], rtol=1e-6)
+    # Without the model in the blend, or without history-last components, nothing to fill.
+    assert blend.history_last(names[1:], fitted) == []
+    assert blend.history_last(["rnn", "markov"], fitted) == []
+    alone = blend.fill_history(stack[1:], names[1:], fitted, [np.array([3, 1])])
+    np.testing.assert_allclose(alone, stack[1:])
+
+
 @pytest.fixture(scope="module")
 def trained(small_slice, tmp_path_factory) -> config_lib.Config:
     """A tiny model trained for one epoch on the yes_small slice."""
@@ -244,6 +265,28 @@ def test_eval_cli_tunes_blend_weights_on_validation(trained):
     valid = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed).valid
     assert m["blend"]["validation"]["events"] == sum(max(len(p) - 1, 0) for p in valid)
     assert "baselines" in m
+    assert m["blend"]["fill_history"] is False  # Markov does not rank the history last
+
+
+def test_choose_blend_searches_the_history_fill(trained, model):
+    data = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed)
+    valid = yes_reader.make_windows(data.valid, trained.batch_size, trained.num_steps)
+    names = ["rnn", "sknn_history_last"]
+    fitted = baselines.fit(names[1:], data)
+    chosen = blend.choose_blend(names, fitted, model, valid)
+    grid = blend.simplex(names)
+    score = {}
+    for fill in (False, True):
+        reports = blend.evaluate_blends(grid, fitted, model, valid, False, [fill] * len(grid))
+        score[fill] = [r["recall"]["20"] * r["mrr"]["20"] for r in reports]
+    # Filling changes the blends of both (else this test shows nothing) ...
+    assert score[True] != score[False]
+    # ... and the choice is the best of both grids (ties to the unfilled, which comes first).
+    fill = max(score[True]) > max(score[False])
+    assert chosen["fill_history"] is fill
+    assert chosen["weights"] == grid[int(np.argmax(score[fill]))]
+    report = chosen["validation"]
+    assert report["recall"]["20"] * report["mrr"]["20"] == max(score[fill])
 
 
 def test_unknown_baseline_is_a_flag_error(trained):

@@ -112,17 +112,23 @@ def test_recommend_unknown_ids_name_the_flag_or_the_line(trained, tmp_path):
         tasks.TASKS["next_song"].recommend(dataclasses.replace(trained, history="1", top_k=4000))
 
 
-def blend_reference(model, data_dir, history: list[int], weights: dict, k: int):
+def blend_reference(model, data_dir, history: list[int], weights: dict, k: int, fill=False):
     """Top-k of sum_c w_c p_c / sum_c w_c over the model's softmax and fitted baselines, heard
-    songs excluded: worked out from `MusicModel.forward` and the baselines' own probabilities."""
+    songs excluded: worked out from `MusicModel.forward` and the baselines' own probabilities.
+    With `fill`, a history-last kNN's p_c is p_rnn on the history and its own p_c elsewhere,
+    scaled to sum to 1 - (p_rnn's mass on the history)."""
     import baselines
 
     tokens = np.array([history], np.int32) + 1
     logits, _ = model.forward(tokens, model.zero_state(1))
     p = {"rnn": tf.nn.softmax(logits[0, -1]).numpy().astype(np.float64)}
     data = yes_reader.load(str(data_dir), 0.1, 0)
+    heard = np.isin(np.arange(len(p["rnn"])), history)
     for name, fitted in baselines.fit([n for n in weights if n != "rnn"], data).items():
         p[name] = fitted.probabilities([np.array(history)])[0]
+        if fill and name == "sknn_history_last":
+            rest = np.where(heard, 0.0, p[name])
+            p[name] = np.where(heard, p["rnn"], rest / rest.sum() * (1 - p["rnn"][heard].sum()))
     blended = sum(w * p[name] for name, w in weights.items()) / sum(weights.values())
     order = [s for s in np.argsort(-blended, kind="stable") if s not in history]
     return np.array(order[:k]), blended[order[:k]]
@@ -157,6 +163,18 @@ def test_recommend_blend_uses_given_or_eval_chosen_weights(trained, model, tmp_p
     ids, probs = blend_reference(model, trained.data_dir, [12, 845, 3001], chosen, 6)
     np.testing.assert_array_equal(out["song_ids"], ids)
     np.testing.assert_allclose(out["scores"], probs, rtol=1e-4)
+    # The history fill that --mode=eval chose is applied (it changes the scores here).
+    chosen = {"rnn": 0.5, "sknn_history_last": 0.5}
+    for fill in (False, True):
+        record = {"blend": {"weights": chosen, "fill_history": fill}}
+        (model_dir / "metrics.json").write_text(json.dumps(record))
+        cfg = dataclasses.replace(unweighted, blend="rnn,sknn_history_last")
+        out = tasks.TASKS["next_song"].recommend(cfg)[0]
+        ref = blend_reference(model, trained.data_dir, [12, 845, 3001], chosen, 6, fill)
+        np.testing.assert_array_equal(out["song_ids"], ref[0])
+        np.testing.assert_allclose(out["scores"], ref[1], rtol=1e-4)
+    plain = blend_reference(model, trained.data_dir, [12, 845, 3001], chosen, 6)
+    assert not np.allclose(plain[1], ref[1], rtol=1e-3)
 
 
 FRESH_PROCESS = """
