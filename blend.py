@@ -281,11 +281,11 @@ def recommend_blend(
         rnn = np.zeros((len(histories), model.num_songs))
         np.put_along_axis(rnn, out["song_ids"].numpy(), out["scores"].numpy(), axis=1)
         stack.append(rnn)
-    row = np.array([weights[name] for name in names]) / sum(weights.values())
     stack = np.array(stack)
     if fill:
         stack = fill_history(stack, names, fitted, histories)
-    probs = np.tensordot(row, stack, axes=1)
+    mixture = np.array([weights[name] for name in names]) / sum(weights.values())
+    probs = np.tensordot(mixture, stack, axes=1)
     if config.exclude_history:
         for row, history in enumerate(histories):
             probs[row, history] = -1.0
