@@ -22,6 +22,7 @@ from absl import logging
 import metrics
 import yes_reader
 from errors import DataError
+from names import normalize
 from neighbours import (
     CHUNK,
     VSTAN,
@@ -282,6 +283,70 @@ class Repeat:
         return None  # 0 for every song outside the history
 
 
+def artist_ids(artists: Sequence[str]) -> np.ndarray:
+    """int64 [songs]: one id per artist name (`names.normalize`d); a song whose artist is unknown
+    ("") is an artist of its own."""
+    keys = [normalize(a) or f"\0{song}" for song, a in enumerate(artists)]
+    return np.unique(keys, return_inverse=True)[1].astype(np.int64).ravel()
+
+
+class Artist:
+    """The session's artists again, any of their songs: p(j | h) = sum_a P(a | h) P(j | a), with
+    P(a | h) proportional to e^((p - L) / λ) summed over the history's plays of artist a (p a
+    play's 1-based position, L the history's length) and P(j | a) to j's training count + 1 among
+    a's songs. So a song no training playlist holds gets a share once the session plays its
+    artist: what a catalog that moves needs. Other artists' songs get 0 and rank below by
+    popularity. λ is the `REPEAT_DECAYS` value with the best validation log-likelihood over the
+    events whose target's artist is in their history, unless given."""
+
+    def __init__(
+        self, train: Sequence[np.ndarray], valid: Sequence[np.ndarray],
+        catalog: yes_reader.Catalog, decay: float | None = None,
+    ):  # fmt: skip
+        self.artists = artist_ids(catalog.artists)
+        self.counts = song_counts(train, catalog.size)
+        self.popularity_key = self.counts / (self.counts.max() + 1.0) - 1.0  # below any p > 0
+        share = self.counts + 1.0
+        share /= np.bincount(self.artists, weights=share)[self.artists]
+        shape = (int(self.artists.max()) + 1, catalog.size)
+        self.songs = sp.csr_matrix((share, (self.artists, np.arange(catalog.size))), shape=shape)
+        if decay is None:
+            histories, targets = validation_events(valid, "artist")
+            fits = []
+            for candidate in REPEAT_DECAYS:
+                self.decay = candidate
+                weights = self._artist_weights(histories)
+                p = np.asarray(weights[np.arange(len(targets)), self.artists[targets]]).ravel()
+                fits.append(float(np.log(p[p > 0] * share[targets[p > 0]]).sum()))
+            decay = REPEAT_DECAYS[int(np.argmax(fits))]
+            logging.info("artist: λ %g (validation log-likelihood)", decay)
+        self.decay = decay
+
+    def _artist_weights(self, histories: list[np.ndarray]) -> sp.csr_matrix:
+        """float64 [events, artists]: P(a | h), each row summing to 1."""
+        lengths = np.array([len(h) for h in histories], np.int64)
+        rows = np.repeat(np.arange(len(histories)), lengths)
+        songs = np.concatenate(
+            [np.asarray(h, np.int64) for h in histories] + [np.zeros(0, np.int64)]
+        )
+        positions = np.arange(len(songs)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+        weights = np.exp((positions - lengths[rows]) / self.decay)
+        matrix = sp.csr_matrix(
+            (weights, (rows, self.artists[songs])), shape=(len(histories), self.songs.shape[0])
+        )
+        return sp.diags(1.0 / np.maximum(np.asarray(matrix.sum(axis=1)).ravel(), 1e-300)) @ matrix
+
+    def probabilities(self, histories: list[np.ndarray]) -> np.ndarray:
+        return (self._artist_weights(histories) @ self.songs).toarray()
+
+    def scores(self, histories: list[np.ndarray]) -> np.ndarray:
+        p = self.probabilities(histories)
+        return np.where(p > 0, p, self.popularity_key[None, :])
+
+    def log_likelihood(self, histories: list[np.ndarray], targets: np.ndarray) -> None:
+        return None  # 0 for every song of an artist the session has not played
+
+
 BASELINES: dict[str, Callable] = {
     "popularity": lambda data: Popularity(data.train, data.catalog.size),
     "markov": lambda data: Markov(data.train, data.valid, data.catalog.size),
@@ -290,6 +355,7 @@ BASELINES: dict[str, Callable] = {
     "sr": lambda data: SequentialRules(data.train, data.valid, data.catalog.size),
     "vstan": lambda data: VSTAN(data.train, data.valid, data.catalog.size),
     "repeat": lambda data: Repeat(data.train, data.valid, data.catalog.size),
+    "artist": lambda data: Artist(data.train, data.valid, data.catalog),
 }
 
 

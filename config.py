@@ -48,7 +48,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 # eval ranks history songs unless --exclude_history is given: numbers comparable with published ones
 MODE_DEFAULTS: dict[str, dict[str, Any]] = {"eval": {"exclude_history": False}}
 LOSS_WEIGHTINGS = ("window", "event")
-BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan", "repeat")
+BASELINES = ("popularity", "markov", "sknn", "sknn_history_last", "sr", "vstan", "repeat", "artist")
 BLEND_COMPONENTS = ("rnn", *BASELINES)
 
 

@@ -225,13 +225,13 @@ def run_eval(cfg: config_lib.Config, *flags: str) -> subprocess.CompletedProcess
 
 def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained, model):
     result = run_eval(
-        trained, "--baselines=popularity,markov,sknn,vstan", "--blend=rnn:0.5,markov:0.5"
+        trained, "--baselines=popularity,markov,sknn,vstan,artist", "--blend=rnn:0.5,markov:0.5"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split()[0] for line in result.stdout.splitlines()]
-    assert rows == ["method", "popularity", "markov", "sknn", "vstan", "model", "blend"]
+    assert rows == ["method", "popularity", "markov", "sknn", "vstan", "artist", "model", "blend"]
     m = json.load(open(os.path.join(trained.model_dir, "metrics.json")))
-    assert list(m["baselines"]) == ["popularity", "markov", "sknn", "vstan"]
+    assert list(m["baselines"]) == ["popularity", "markov", "sknn", "vstan", "artist"]
     assert "cold" not in m  # no --cold_fraction, no cold-target report
     schema = {"events", "recall", "mrr", "ndcg", "log_likelihood", "perplexity"}
     for report in m["baselines"].values():
@@ -239,6 +239,7 @@ def test_eval_cli_prints_baselines_and_blend_and_writes_them(trained, model):
         assert list(report["recall"]) == list(m["recall"])
     assert m["baselines"]["sknn"]["log_likelihood"] is None
     assert m["baselines"]["vstan"]["log_likelihood"] is None
+    assert m["baselines"]["artist"]["log_likelihood"] is None
     assert m["blend"]["weights"] == {"rnn": 0.5, "markov": 0.5}
     assert m["blend"]["events"] == m["events"]
     # Per test event, p_blend = 0.5 p_model + 0.5 p_markov; p_model from a forward pass over each
@@ -341,6 +342,45 @@ def test_repeat_ranks_the_history_by_recency_then_popularity():
 )
 def test_repeat_decay_is_chosen_by_the_validation_likelihood_of_repeats(valid, decay):
     assert baselines.Repeat(TRAIN, tokens(valid), NUM_SONGS).decay == decay
+
+
+# The TRAIN songs plus song 5, never in training. Artists: "Ann" and "ann " (one artist after
+# normalising) sing 0 and 1, Bo sings 2, 3 and 5, song 4's artist is unknown (an artist alone).
+ARTIST_CATALOG = yes_reader.Catalog(tuple("t" * 6), ("Ann", "ann ", "Bo", "Bo", "", "Bo"))
+
+
+def test_artist_ids_normalise_names_and_keep_unknown_artists_apart():
+    ids = baselines.artist_ids(("Ann", "ann ", "Bo", "", "", "ANN"))
+    assert ids[0] == ids[1] == ids[5] and len({ids[0], ids[2], ids[3], ids[4]}) == 4
+
+
+def test_artist_spreads_the_sessions_artists_over_their_songs_by_hand():
+    # Within an artist, training count + 1: Ann 3, 3 -> 1/2 each; Bo 4, 4, 1 (song 5 unseen) ->
+    # 4/9, 4/9, 1/9; song 4 alone -> 1. History [0, 2], λ = 1: Ann's play at p = 1 of L = 2
+    # weighs e^-1, Bo's at p = 2 weighs 1, so P(Ann) = e^-1 / (1 + e^-1), P(Bo) = 1 / (1 + e^-1).
+    artist = baselines.Artist(TRAIN, [], ARTIST_CATALOG, decay=1.0)
+    ann, bo = math.exp(-1) / (1 + math.exp(-1)), 1 / (1 + math.exp(-1))
+    expected = [ann / 2, ann / 2, bo * 4 / 9, bo * 4 / 9, 0.0, bo / 9]
+    np.testing.assert_allclose(artist.probabilities([np.array([0, 2])])[0], expected)
+    # Ranked: 2 and 3 tie, then 0 and 1 tie, then the unseen song 5 through its artist, then
+    # song 4 (no share) by popularity. Ties count against the target.
+    assert ranks(artist, [[0, 2]] * 4, [3, 1, 5, 4]) == [2, 4, 5, 6]
+    np.testing.assert_allclose(artist.probabilities([np.array([4])])[0], [0, 0, 0, 0, 1, 0])
+    assert artist.log_likelihood([np.array([0])], np.array([4])) is None
+
+
+@pytest.mark.parametrize(
+    "valid, decay",
+    [
+        # Event [0, 2] -> 3 (Bo is the latest artist): P(Bo) = 1 / (1 + e^(-1/λ)) falls with λ.
+        # Event [0] -> 2 does not count: Bo is not in its history.
+        ([[0, 2, 3]], baselines.REPEAT_DECAYS[0]),
+        # Event [2, 0] -> 3 (Bo is the older artist): P(Bo) = e^(-1/λ) / (1 + e^(-1/λ)) grows.
+        ([[2, 0, 3]], baselines.REPEAT_DECAYS[-1]),
+    ],
+)
+def test_artist_decay_is_chosen_by_the_validation_likelihood(valid, decay):
+    assert baselines.Artist(TRAIN, tokens(valid), ARTIST_CATALOG).decay == decay
 
 
 def stan(**settings) -> neighbours.VSTAN:
