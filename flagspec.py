@@ -110,14 +110,16 @@ def cold_fraction() -> Any:
     return field(0.0, "data", text, tasks=NEXT_SONG, bound=FRACTION)
 
 
-TRANSITIONS = ("none", "markov")  # see transitions.py
+TRANSITIONS = ("none", "markov", "markov_artist")  # see transitions.py
 
 
 def transition() -> Any:
     """`--transition` (a model flag of --task=next_song)."""
     text = "markov: mix first-order transition counts of the training playlists into the "
     text += "softmax by a learned per-event gate, trained end to end (transitions.py); under "
-    text += "--softmax=sampled the gate mixes the sampled estimate of the softmax at the target."
+    text += "--softmax=sampled the gate mixes the sampled estimate of the softmax at the target. "
+    text += "markov_artist: markov smoothed also by the last song's artist's songs (a learned "
+    text += "share), where the model has artist rows (--side_features); else markov."
     return field("none", "model", text, choices=TRANSITIONS, tasks=NEXT_SONG)
 
 

@@ -150,8 +150,9 @@ class MusicModel(keras.Model):
         if transition != "none":
             dims = embedding_size if tie_embeddings else hidden_size
             self.mixture = transitions.TransitionMixture(
-                num_songs, transition_width, dims, transition_tables, name="transition"
-            )
+                num_songs, transition_width, dims, transition_tables,
+                artists=transition == "markov_artist", name="transition",
+            )  # fmt: skip
         repeats.check_repeat_window(repeat_window, softmax)
         self.repeat_window, self.repeat = repeat_window, None
         if repeat_window:

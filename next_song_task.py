@@ -106,7 +106,13 @@ def transition_tables(config: config_lib.Config, data: yes_reader.YesData) -> di
     so that each training event can leave itself out of the counts); else None."""
     if config.transition == "none":
         return None
-    return baselines.successor_table(data.train, data.catalog.size, config.transition_width)
+    tables = baselines.successor_table(data.train, data.catalog.size, config.transition_width)
+    if config.transition == "markov_artist":  # token-indexed artists, padding -1
+        artists = baselines.artist_ids(data.catalog.artists)
+        popularity = tables["popularity"]
+        share = popularity / np.bincount(artists, weights=popularity)[artists]
+        tables |= {"artists": np.concatenate([[-1], artists]), "artist_share": share}
+    return tables
 
 
 SMALLER_BATCHES = (50, 20)  # --min_updates_per_epoch tries these below --batch_size
@@ -114,11 +120,15 @@ SMALLER_BATCHES = (50, 20)  # --min_updates_per_epoch tries these below --batch_
 
 def decide_auto(config: config_lib.Config, data: yes_reader.YesData) -> config_lib.Config:
     """`config` with what training decides from the data: --side_features=auto
-    (`coldstart.resolve_side_features`), --recency_half_life 0 under
+    (`coldstart.resolve_side_features`), --transition=markov_artist markov without artist rows,
+    --recency_half_life 0 under
     --recency_weighting=time_split where --data_dir is not split by time, and, under
     --min_updates_per_epoch, a smaller batch for a small training split (the largest of
     `SMALLER_BATCHES` below --batch_size whose epoch has that many windows, else the smallest)."""
     config = coldstart.resolve_side_features(config, data)
+    if config.transition == "markov_artist" and config.side_features == "none":
+        logging.info("--transition=markov_artist: no artist rows (--side_features=none), markov")
+        config = dataclasses.replace(config, transition="markov")
     weighted = config.recency_half_life and config.recency_weighting == "time_split"
     if weighted and not yes_reader.split_by_time(config.data_dir):
         logging.info("--recency_weighting=time_split: not split by time, every playlist weighs 1")

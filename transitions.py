@@ -12,6 +12,15 @@ learned with the network. In training each event leaves itself out of the counts
 n_a - 1): the gate learns how far other playlists' transitions predict a next song, as they
 must for a history the counts have never seen. The tables (`baselines.successor_table`) are
 non-trainable weights of the model, so evaluation and serving need nothing else.
+
+`--transition=markov_artist` smooths with the last song's artist as well (a catalog that moves:
+new songs, often by the artist just played, have no transitions of their own):
+
+    q(j | a) = (n_aj + β prior(j | a)) / (n_a + β),
+    prior(j | a) = (1 - ρ) p_pop(j) + ρ [artist(j) = artist(a)] p_pop(j) / p_pop(artist(a)),
+
+ρ = sigmoid(r) learned, p_pop(artist) the add-one popularity of the artist's songs summed
+(`baselines.artist_ids` groups them). After a song with no transitions q is the prior itself.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ def check_transition(transition: str) -> None:
 class TransitionMixture(keras.layers.Layer):
     """The transition counts, β and the gate of the mixture above (module docstring)."""
 
-    def __init__(self, num_songs: int, width: int, dims: int, tables: dict | None = None, **kwargs):
+    def __init__(
+        self, num_songs: int, width: int, dims: int, tables: dict | None = None,
+        artists: bool = False, **kwargs,
+    ):  # fmt: skip
         super().__init__(**kwargs)
         tables = tables or {}
         shape = (num_songs + 1, width)
@@ -53,7 +65,33 @@ class TransitionMixture(keras.layers.Layer):
         )
         self.gate = layers.Dense(1, kernel_initializer="zeros", name="gate", dtype="float32")
         self.gate.build((None, dims + 1))
+        self.artists = None
+        if artists:  # token-indexed: row 0, padding, is no artist's
+            self.artists = kernels.fixed_weight(
+                self, "artists", (num_songs + 1,), "int32", tables.get("artists")
+            )
+            self.artist_share = kernels.fixed_weight(
+                self, "artist_share", (num_songs,), "float32", tables.get("artist_share")
+            )
+            self.artist_logit = self.add_weight(shape=(), initializer="zeros", name="artist_logit")
         self.built = True
+
+    def _prior(self, tokens, songs=None):
+        """prior(j | a) of the module docstring for the last songs `tokens` [n] and the songs
+        `songs` [n] (default: every song, [n, songs]); p_pop after padding."""
+        popularity = self.popularity if songs is None else ops.take(self.popularity, songs)
+        if self.artists is None:
+            return popularity
+        tokens = ops.convert_to_tensor(tokens)
+        rho = ops.sigmoid(self.artist_logit) * ops.cast(tokens > 0, "float32")
+        last = ops.take(self.artists, tokens)
+        if songs is None:
+            same = self.artists[1:][None, :] == last[:, None]
+            share, rho = self.artist_share[None, :], rho[:, None]
+        else:
+            same = ops.take(self.artists, ops.cast(songs, "int32") + 1) == last
+            share = ops.take(self.artist_share, songs)
+        return (1.0 - rho) * popularity + rho * ops.cast(same, "float32") * share
 
     def _successors(self, tokens) -> tuple:
         """(successors int32 [n, width], counts float32 [n, width], n_a [n]) of tokens [n]."""
@@ -90,7 +128,7 @@ class TransitionMixture(keras.layers.Layer):
         if leave_one_out:  # the event's own transition, unless cut by the width
             own = ops.cast(n_aj > 0, "float32")
             n_aj, n_a = n_aj - own, n_a - own
-        log_q = self._log_q(n_aj, n_a, ops.take(self.popularity, targets))
+        log_q = self._log_q(n_aj, n_a, self._prior(tokens, targets))
         return self._mix(log_p_model, log_q, queries, n_a)
 
     def log_mixture(self, logits, queries, tokens):
@@ -109,6 +147,6 @@ class TransitionMixture(keras.layers.Layer):
         n_aj = tf.tensor_scatter_nd_add(
             ops.zeros_like(logits), ops.stack([rows, successors], -1), counts
         )
-        log_q = self._log_q(n_aj, n_a[:, None], self.popularity)
+        log_q = self._log_q(n_aj, n_a[:, None], self._prior(tokens))
         log_p_model = ops.log_softmax(logits, axis=-1)
         return ops.reshape(self._mix(log_p_model, log_q, queries, n_a), shape)

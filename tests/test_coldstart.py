@@ -75,6 +75,16 @@ def test_min_updates_per_epoch_takes_a_smaller_batch_for_a_small_split(minimum, 
     assert config.batch_size == batch
 
 
+@pytest.mark.parametrize("side, kept", [("none", "markov"), ("artist", "markov_artist")])
+def test_markov_artist_needs_artist_rows_else_it_is_markov(side, kept):
+    import next_song_task
+
+    catalog = yes_reader.Catalog(tuple("t" * 3), tuple("a" * 3))
+    data = yes_reader.YesData(catalog, tokens([[0, 1, 2]]), tokens([[0, 1]]), [])
+    given = dict(transition="markov_artist", side_features=side, tie_embeddings=True)
+    assert next_song_task.decide_auto(config_lib.make_config(given), data).transition == kept
+
+
 def test_cold_target_windows_weigh_only_events_with_a_cold_target():
     windows = yes_reader.make_windows(tokens([[0, 1, 2, 1]]), batch_size=1, num_steps=5)
     cold = np.array([False, True, False])

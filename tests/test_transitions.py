@@ -34,11 +34,21 @@ def test_successor_table_keeps_the_most_frequent_successors_by_token():
     assert cut["successors"][3].tolist() == [3] and cut["counts"][3].tolist() == [1]
 
 
-def mixture(width: int, dims: int = 2) -> transitions.TransitionMixture:
-    """A mixture over `PLAYLISTS` with β = 2 and a new gate: zero weights, g = 1/2."""
-    layer = transitions.TransitionMixture(
-        5, width, dims, baselines.successor_table(PLAYLISTS, 5, width)
+# Artists for markov_artist: songs 0 and 1 by one, 2 and 3 by another, 4 alone. Shares of the
+# add-one popularity within the artist: 4/9, 5/9, 4/7, 3/7, 1.
+ARTISTS = ("Ann", "Ann", "Bo", "Bo", "Cy")
+
+
+def mixture(width: int, dims: int = 2, artists: bool = False) -> transitions.TransitionMixture:
+    """A mixture over `PLAYLISTS` with β = 2 and a new gate: zero weights, g = 1/2 (with
+    `artists`, the markov_artist tables of `ARTISTS` and ρ = 1/2)."""
+    catalog = yes_reader.Catalog(("t",) * 5, ARTISTS)
+    data = yes_reader.YesData(catalog, PLAYLISTS, [], [])
+    cfg = config_lib.make_config(
+        {"transition": "markov_artist" if artists else "markov", "transition_width": width}
     )
+    tables = next_song_task.transition_tables(cfg, data)
+    layer = transitions.TransitionMixture(5, width, dims, tables, artists=artists)
     layer.log_beta.assign(np.log(2.0))
     return layer
 
@@ -59,8 +69,25 @@ def test_target_probability_worked_by_hand_with_and_without_leave_one_out():
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 2 / 19], rtol=1e-6)
 
 
-def test_full_rows_are_distributions_that_agree_with_the_target_path():
-    layer = mixture(width=3)
+def test_artist_prior_worked_by_hand():
+    layer = mixture(width=3, artists=True)
+    queries, log_p_model = np.zeros((2, 2), np.float32), np.log(np.full(2, 0.1, np.float32))
+    # After song 1 (token 2; n_a = 3, all to song 2), ρ = 1/2:
+    # song 0, Ann like song 1, no transition: prior = 4/19 / 2 + 4/9 / 2, q = 2 prior / 5;
+    # song 2, Bo: prior = 4/19 / 2, q = (3 + 2 prior) / 5 (markov alone: 13/19).
+    p = np.exp(layer.target_log_prob(log_p_model, queries, [2, 2], [0, 2], False))
+    prior_0 = (4 / 19 + 4 / 9) / 2
+    q = [2 * prior_0 / 5, (3 + 2 * (4 / 19) / 2) / 5]
+    np.testing.assert_allclose(p, 0.5 * 0.1 + 0.5 * np.array(q), rtol=1e-6)
+    # ρ is learned: at ρ -> 0 the prior is popularity again, markov's q.
+    layer.artist_logit.assign(-50.0)
+    p = np.exp(layer.target_log_prob(log_p_model[:1], queries[:1], [2], [2], False))
+    np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 13 / 19], rtol=1e-6)
+
+
+@pytest.mark.parametrize("artists", [False, True])
+def test_full_rows_are_distributions_that_agree_with_the_target_path(artists):
+    layer = mixture(width=3, artists=artists)
     layer.gate.kernel.assign(np.array([[0.5], [-1.0], [0.3]], np.float32))
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3, 5)).astype(np.float32)
@@ -161,3 +188,34 @@ def test_trained_model_scores_like_the_markov_baseline_behind_its_gate(trained):
     last = reference_mixture(model, data, [np.r_[test[0], 1]])[-1]
     np.testing.assert_array_equal(got["song_ids"][0], np.argsort(-last, kind="stable")[:5])
     np.testing.assert_allclose(got["scores"][0], np.sort(last)[::-1][:5], rtol=1e-4)
+
+
+def test_markov_artist_model_saves_its_tables_and_scores_alike_in_eval_and_serving(
+    small_slice, tmp_path_factory
+):
+    cfg = train_small(
+        small_slice, tmp_path_factory.mktemp("artist_run"), num_epochs=1,
+        transition="markov_artist", side_features="artist", tie_embeddings=True,
+    )  # fmt: skip
+    model = next_song_task.load_trained(cfg, 3168)
+    data = yes_reader.load(cfg.data_dir, cfg.valid_fraction, cfg.seed)
+    artists = baselines.artist_ids(data.catalog.artists)
+    np.testing.assert_array_equal(model.mixture.artists.numpy(), np.r_[-1, artists])
+    assert abs(float(model.mixture.artist_logit.numpy())) > 1e-4  # ρ was trained
+    test = [p for p in data.test if len(p) >= 2][:30]
+    width = max(map(len, test))
+    tokens = np.array([np.pad(p, (0, width - len(p))) for p in test], np.int32)
+    log_p, _ = model.forward(tokens, model.zero_state(len(test)))  # the mixture, whole playlists
+    log_p = np.concatenate([np.asarray(log_p)[i, : len(p) - 1] for i, p in enumerate(test)])
+    np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, rtol=1e-4)
+    targets = np.concatenate([p[1:] - 1 for p in test])
+    target_log_p = log_p[np.arange(len(targets)), targets]
+    musicmodel.compile_model(model, cfg.learning_rate, cfg.max_grad_norm)
+    windows = yes_reader.make_windows(test, model.batch_size, cfg.num_steps)
+    report = next_song_task.evaluate_windows(model, windows)
+    assert report["log_likelihood"] == pytest.approx(np.mean(target_log_p), rel=1e-4)
+    history = test[0][:-1] - 1  # serving after the first playlist but its last song
+    recommend = serving.ranking_function(model, exclude_history=False)
+    got = recommend(history[None].astype(np.int32), np.array([len(history)], np.int32), 5)
+    last = log_p[len(test[0]) - 2]
+    np.testing.assert_array_equal(got["song_ids"][0], np.argsort(-last, kind="stable")[:5])
