@@ -28,6 +28,7 @@ from neighbours import (
     VSTAN,
     SessionKNN,
     history_matrix,
+    history_plays,
     latest_positions,
     normalised,
     popularity_probabilities,
@@ -290,6 +291,11 @@ def artist_ids(artists: Sequence[str]) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1].astype(np.int64).ravel()
 
 
+def within_artist(weights: np.ndarray, artists: np.ndarray) -> np.ndarray:
+    """`weights` [songs] divided by their sum over each song's artist (`artist_ids`)."""
+    return weights / np.bincount(artists, weights=weights)[artists]
+
+
 class Artist:
     """The session's artists again, any of their songs: p(j | h) = sum_a P(a | h) P(j | a), with
     P(a | h) proportional to e^((p - L) / λ) summed over the history's plays of artist a (p a
@@ -306,8 +312,7 @@ class Artist:
         self.artists = artist_ids(catalog.artists)
         self.counts = song_counts(train, catalog.size)
         self.popularity_key = self.counts / (self.counts.max() + 1.0) - 1.0  # below any p > 0
-        share = self.counts + 1.0
-        share /= np.bincount(self.artists, weights=share)[self.artists]
+        share = within_artist(self.counts + 1.0, self.artists)
         shape = (int(self.artists.max()) + 1, catalog.size)
         self.songs = sp.csr_matrix((share, (self.artists, np.arange(catalog.size))), shape=shape)
         if decay is None:
@@ -324,12 +329,7 @@ class Artist:
 
     def _artist_weights(self, histories: list[np.ndarray]) -> sp.csr_matrix:
         """float64 [events, artists]: P(a | h), each row summing to 1."""
-        lengths = np.array([len(h) for h in histories], np.int64)
-        rows = np.repeat(np.arange(len(histories)), lengths)
-        songs = np.concatenate(
-            [np.asarray(h, np.int64) for h in histories] + [np.zeros(0, np.int64)]
-        )
-        positions = np.arange(len(songs)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+        rows, songs, positions, lengths = history_plays(histories)
         weights = np.exp((positions - lengths[rows]) / self.decay)
         matrix = sp.csr_matrix(
             (weights, (rows, self.artists[songs])), shape=(len(histories), self.songs.shape[0])

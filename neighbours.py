@@ -73,13 +73,20 @@ def ranking_quality(scores: Callable, histories: list, targets: np.ndarray) -> f
     return float(top.mean() * np.mean(np.where(top, 1.0 / ranks, 0.0)))
 
 
+def history_plays(histories: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(rows, songs, positions, lengths): every play of every history with its 1-based
+    position, in order; lengths = history lengths [events]."""
+    lengths = np.array([len(h) for h in histories], np.int64)
+    rows = np.repeat(np.arange(len(histories)), lengths)
+    songs = np.concatenate([np.asarray(h, np.int64) for h in histories] + [np.zeros(0, np.int64)])
+    positions = np.arange(len(songs)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+    return rows, songs, positions, lengths
+
+
 def latest_positions(histories: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     """(rows, songs, positions, lengths): each distinct song of each history with its latest
     1-based position, sorted by row then song; lengths = history lengths [events]."""
-    lengths = np.array([len(h) for h in histories], np.int64)
-    rows = np.repeat(np.arange(len(histories)), lengths)
-    songs = np.concatenate(histories).astype(np.int64)
-    positions = np.arange(len(songs)) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+    rows, songs, positions, lengths = history_plays(histories)
     last = np.lexsort((positions, songs, rows))  # per (row, song) the latest position comes last
     rows, songs, positions = rows[last], songs[last], positions[last]
     keep = np.ones(len(rows), bool)

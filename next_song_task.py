@@ -109,8 +109,7 @@ def transition_tables(config: config_lib.Config, data: yes_reader.YesData) -> di
     tables = baselines.successor_table(data.train, data.catalog.size, config.transition_width)
     if config.transition == "markov_artist":  # token-indexed artists, padding -1
         artists = baselines.artist_ids(data.catalog.artists)
-        popularity = tables["popularity"]
-        share = popularity / np.bincount(artists, weights=popularity)[artists]
+        share = baselines.within_artist(tables["popularity"], artists)
         tables |= {"artists": np.concatenate([[-1], artists]), "artist_share": share}
     return tables
 
