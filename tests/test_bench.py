@@ -180,7 +180,7 @@ def test_best_rnn_flags_read_into_a_config():
     assert (config.cell, config.num_layers, config.hidden_size) == ("gru", 1, 200)
     assert config.tie_embeddings is True and config.learning_rate == 0.002
     assert config.early_stopping_patience == 3 and config.loss_weighting == "event"
-    assert config.transition == "markov"
+    assert config.transition == "markov_artist"  # markov where no artist rows (decide_auto)
 
 
 @pytest.mark.smoke
@@ -189,7 +189,7 @@ def test_fast_rnn_flags_are_best_rnn_with_a_four_epoch_linear_budget_from_cooccu
 
     config = ttq.load_config(str(ROOT), "fast_rnn.flags", quick=False)
     best = config_lib.Config(**ttq.read_flags(str(ROOT / "configs" / "best_rnn.flags")))
-    assert (config.cell, config.hidden_size, config.transition) == ("gru", 200, "markov")
+    assert (config.cell, config.hidden_size, config.transition) == ("gru", 200, "markov_artist")
     assert (config.batch_size, config.learning_rate, config.num_epochs) == (50, 0.004, 4)
     assert config.song_init == "cooccurrence" and best.song_init == "random"
     assert config.lr_decay == "linear" and config.reduce_lr_patience == 0
