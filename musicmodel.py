@@ -67,11 +67,9 @@ class MusicModel(keras.Model):
     each song's vector and bias from its own row (initially 0) plus its artist's and tags' rows
     (`songrows.SideRows`, from `song_artists`, `song_tags`); songs with no training events
     (`song_counts` 0) are left out of the training softmax and score through those rows alone.
-    `transition="markov"` mixes a transition component into the softmax by a learned per-event
-    gate (`transitions.TransitionMixture`, from `transition_tables`); logits are then the
-    mixture's log-probabilities. `repeat_window` > 0 adds a learned per-gap bias to the logits of
-    the songs of the last `repeat_window` plays (`repeats.RepeatBias`), which are carried across
-    windows like the state.
+    `transition="markov"` mixes in transitions by a learned per-event gate (`transitions.
+    TransitionMixture`, `transition_tables`); logits are then the mixture's log-probabilities,
+    plus with `repeat_window` > 0 a learned per-gap bias for the last plays' songs (`repeats`).
     """
 
     SAVED = ("num_songs", "cell", "num_layers", "embedding_size", "hidden_size", "dropout")
@@ -203,17 +201,15 @@ class MusicModel(keras.Model):
     def scores(self, queries, tokens, repeat: tuple | None = None):
         """Logits float32 [..., songs] of `features` queries [..., dims] after `tokens` [...],
         in float32 whatever the dtype policy (bfloat16 logits would tie many songs); with
-        `repeat` = (songs [..., length], bias [..., length]) the repeat bias added first."""
+        `repeat` = (songs [..., length], bias [..., length]) the repeat bias added last."""
         if self.tie_embeddings:
             kernel, bias = self.output_layer()
             logits = ops.matmul(ops.cast(queries, "float32"), kernel) + bias
         else:
             logits = self.head(queries)
-        if repeat is not None:
-            logits = repeats.add_bias(logits, *repeat)
-        if self.mixture is None:
-            return logits
-        return self.mixture.log_mixture(logits, queries, tokens)
+        if self.mixture is not None:
+            logits = self.mixture.log_mixture(logits, queries, tokens)
+        return logits if repeat is None else repeats.add_bias(logits, *repeat)
 
     def forward(self, tokens, states: list, training: bool = False, history=None):
         """Pure forward pass: (logits [batch, time, songs], final states); `history` [batch,
@@ -300,19 +296,23 @@ class MusicModel(keras.Model):
                 events = (queries, targets, weights, tokens)
                 if history is not None:
                     queries = ops.cast(queries, "float32")
-                    terms = self.repeat.loss_terms(queries, rows, bias, first, history, targets)
-                    events += terms
+                    events += self.repeat.loss_terms(queries, rows, bias, first, history, targets)
                 if self.jit_compile:  # XLA needs static shapes: every position gets logits
                     events = [ops.reshape(t, (-1, *t.shape[2:])) for t in events]
                 else:  # only the real events get logits: padding is ~half of a training window
                     events = real_events(weights, *events)
                 queries, targets, weights, tokens = events[:4]
                 per_event = kernels.softmax_cross_entropy(queries, targets + first, rows, bias)
-                if history is not None:
-                    per_event = repeats.biased_cross_entropy(per_event, *events[4:])
+                if history is not None:  # log p of the plays, from the target's
+                    target_logit, history_logits, songs, *repeat = events[4:]
+                    log_p_h = history_logits - (per_event + target_logit)[:, None]
             if self.mixture is not None:  # each event left out of the transition counts
                 log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
                 per_event = -log_p
+                if history is not None:
+                    log_p_h = self.mixture.log_prob(log_p_h, queries, tokens, songs, targets)
+            if history is not None:  # the repeat bias on the mixture's distribution
+                per_event = repeats.biased_cross_entropy(per_event, log_p_h, *repeat)
             loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)

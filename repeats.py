@@ -7,7 +7,11 @@ song among the history's last `window` plays a weight for its gap (plays since i
 the last song has gap 1) and its plays in that window, one weight per gap bucket (`GAP_EDGES`)
 and play count (1, 2, 3 or more), learned with the network and zero at the start:
 
-    logit'(j) = logit(j) + w[bucket(gap_j), min(plays_j, 3)]   for j played in the window.
+    logit'(j) = logit(j) + w[bucket(gap_j), min(plays_j, 3)]   for j played in the window,
+
+logit the model's log-probability: its softmax's, or with --transition the mixture's, so the bias
+also governs how often the transition component's songs come back (a log that never repeats a
+song within a session learns to rank the session's songs last).
 
 The recent songs are carried across training windows like the recurrent state (reset at a new
 playlist), so the first step of a window sees the plays of the windows before it; every step
@@ -25,6 +29,10 @@ from errors import ConfigError
 
 GAP_EDGES = (1, 2, 3, 5, 8, 12, 16, 24, 32, 48, 64, 96)  # bucket i: gaps in [edge i, edge i+1)
 PLAY_COUNTS = 3  # plays in the window: 1, 2, 3 or more
+# w = BIAS_STEP x the stored weight: an Adam step, about the learning rate, moves w 10 times as
+# far, so the few hundred updates of a small log reach the -2 to -4 that a log without repeats
+# within a session needs (chosen on validation over 1 and 10; docs/results.md).
+BIAS_STEP = 10.0
 
 
 def check_repeat_window(window: int, softmax: str) -> None:
@@ -42,10 +50,15 @@ class RepeatBias(keras.layers.Layer):
     def __init__(self, window: int, **kwargs):
         super().__init__(**kwargs)
         self.window = window
-        self.gap_bias = self.add_weight(
-            shape=(len(GAP_EDGES), PLAY_COUNTS), initializer="zeros", name="gap_bias"
+        self.stored = self.add_weight(
+            shape=(len(GAP_EDGES), PLAY_COUNTS), initializer="zeros", name="gap_bias_stored"
         )
         self.built = True
+
+    @property
+    def gap_bias(self):
+        """float32 [buckets, PLAY_COUNTS]: the weights w."""
+        return self.stored * BIAS_STEP
 
     def bias(self, history, positions):
         """float32 [batch, steps, length]: each play's bias for each step.
@@ -79,23 +92,25 @@ class RepeatBias(keras.layers.Layer):
         return self.bias(history, ops.broadcast_to(positions, (ops.shape(history)[0], steps)))
 
     def loss_terms(self, queries, rows, row_bias, first: int, history, targets) -> tuple:
-        """The [batch, steps, ...] inputs of `biased_cross_entropy` for a training window.
+        """The [batch, steps, ...] terms of `biased_cross_entropy` for a training window.
 
         Args:
           queries: float32 [batch, steps, dims]; rows [columns, dims] and row_bias [columns] of
             the training softmax, song s in column s + `first`; history: int32 [batch, length]
             tokens whose last `steps` are the window's; targets: int32 [batch, steps] song ids.
-        Returns (target_logit [b, s], history_logits [b, s, length], bias, target_hit).
+        Returns (target_logit [b, s], history_logits [b, s, length], the plays' song ids
+        [b, s, length] (padding: song 0), bias, target_hit).
         """
-        columns = ops.maximum(ops.cast(history, "int32") - 1 + first, 0)  # padding: any column
-        history_rows = ops.take(rows, columns, axis=0)  # [batch, length, dims]
+        songs = ops.maximum(ops.cast(history, "int32") - 1, 0)
+        history_rows = ops.take(rows, songs + first, axis=0)  # [batch, length, dims]
         history_logits = ops.einsum("bsd,bld->bsl", queries, history_rows)
-        history_logits += ops.take(row_bias, columns)[:, None, :]
+        history_logits += ops.take(row_bias, songs + first)[:, None, :]
         target_rows = ops.take(rows, targets + first, axis=0)
         target_logit = ops.sum(queries * target_rows, -1) + ops.take(row_bias, targets + first)
         hit = ops.cast(ops.equal(history[:, None, :] - 1, targets[..., None]), "float32")
         bias = self.window_bias(history, ops.shape(targets)[1])
-        return target_logit, history_logits, bias, hit
+        songs = ops.broadcast_to(songs[:, None, :], ops.shape(bias))
+        return target_logit, history_logits, songs, bias, hit
 
 
 def add_bias(logits, songs, bias):
@@ -112,18 +127,15 @@ def add_bias(logits, songs, bias):
     return ops.reshape(added, shape)
 
 
-def biased_cross_entropy(cross_entropy, target_logit, history_logits, bias, target_hit):
-    """-log softmax(logits + bias)[target] per event, from the unbiased softmax.
+def biased_cross_entropy(cross_entropy, log_p_history, bias, target_hit):
+    """-log p'(target) per event, p' the distribution p with the repeat bias:
+    p'(j) = p(j) e^bias(j) / (1 + sum_plays p (e^bias - 1)).
 
     Args:
-      cross_entropy: float32 [n], -log softmax(logits)[target]; target_logit [n] its logit;
-      history_logits: float32 [n, length], the logits of the history's plays; bias [n, length]
-        theirs (`RepeatBias.bias`, 0 but at a song's latest play); target_hit [n, length]:
-        1 where the play is the target's song.
-    With p = softmax(logits): -log p(target) - bias(target) + log(1 + sum_plays p (e^bias - 1)).
+      cross_entropy: float32 [n], -log p(target); log_p_history [n, length], log p of the
+        history's plays; bias [n, length] theirs (`RepeatBias.bias`, 0 but at a song's latest
+        play); target_hit [n, length]: 1 where the play is the target's song.
     """
-    log_norm = cross_entropy + target_logit
-    p = ops.exp(history_logits - log_norm[:, None])
-    total = 1.0 + ops.sum(p * (ops.exp(bias) - 1.0), -1)
+    total = 1.0 + ops.sum(ops.exp(log_p_history) * (ops.exp(bias) - 1.0), -1)
     target_bias = ops.sum(bias * target_hit, -1)
     return cross_entropy - target_bias + ops.log(ops.maximum(total, 1e-12))

@@ -77,20 +77,20 @@ class TransitionMixture(keras.layers.Layer):
         self.built = True
 
     def _prior(self, tokens, songs=None):
-        """prior(j | a) of the module docstring for the last songs `tokens` [n] and the songs
-        `songs` [n] (default: every song, [n, songs]); p_pop after padding."""
-        popularity = self.popularity if songs is None else ops.take(self.popularity, songs)
+        """prior(j | a) of the module docstring for the last songs `tokens` [...] and the songs
+        `songs` [..., k] (default: every song, [..., songs]); p_pop after padding."""
+        if songs is None:
+            songs = ops.arange(self.popularity.shape[0], dtype="int32")
+        songs = ops.cast(songs, "int32")
+        popularity = ops.take(self.popularity, songs)
         if self.artists is None:
             return popularity
         tokens = ops.convert_to_tensor(tokens)
         rho = ops.sigmoid(self.artist_logit) * ops.cast(tokens > 0, "float32")
         last = ops.take(self.artists, tokens)
-        if songs is None:
-            same = self.artists[1:][None, :] == last[:, None]
-            share, rho = self.artist_share[None, :], rho[:, None]
-        else:
-            same = ops.take(self.artists, ops.cast(songs, "int32") + 1) == last
-            share = ops.take(self.artist_share, songs)
+        same = ops.take(self.artists, songs + 1) == ops.expand_dims(last, -1)
+        share = ops.take(self.artist_share, songs)
+        rho = ops.expand_dims(rho, -1)
         return (1.0 - rho) * popularity + rho * ops.cast(same, "float32") * share
 
     def _successors(self, tokens) -> tuple:
@@ -105,31 +105,40 @@ class TransitionMixture(keras.layers.Layer):
 
     def _mix(self, log_p_model, log_q, queries, n_a):
         """log(g p_model + (1 - g) q) with g from `queries` [..., dims] and n_a [...];
-        log_p_model and log_q [...] (one per event) or [..., songs]."""
+        log_p_model and log_q [..., k] (k songs of each event)."""
         log1p_n_a = ops.expand_dims(ops.log1p(n_a), -1)
         z = self.gate(ops.concatenate([ops.cast(queries, "float32"), log1p_n_a], -1))  # [..., 1]
-        if len(log_p_model.shape) == len(n_a.shape):
-            z = z[..., 0]
         log_g, log_not_g = ops.log_sigmoid(z), ops.log_sigmoid(-z)
         return ops.logaddexp(log_g + log_p_model, log_not_g + log_q)
 
-    def target_log_prob(self, log_p_model, queries, tokens, targets, leave_one_out: bool):
-        """float32 [...]: log p(target) of the mixture for events of any shape [...].
+    def log_prob(self, log_p_model, queries, tokens, songs, targets=None):
+        """float32 [..., k]: log p(song) of the mixture for k songs after each event [...].
 
         Args:
-          log_p_model: float32 [...], the model's log-softmax at the target (under the sampled
+          log_p_model: float32 [..., k], the model's log-softmax at the songs (under the sampled
             softmax, its estimate from the target and the negatives); queries [..., dims];
           tokens: int32 [...], the last song of each history (token = song id + 1);
-          targets: int32 [...] song ids; leave_one_out: each event is itself one of the counts.
+          songs: int32 [..., k] song ids; targets: int32 [...] song ids of the events, each
+            itself one of the counts (training): its transition is left out of them.
         """
+        songs = ops.cast(songs, "int32")
         successors, counts, n_a = self._successors(tokens)
-        hit = ops.cast(successors == ops.expand_dims(ops.cast(targets, "int32"), -1), "float32")
-        n_aj = ops.sum(counts * hit, -1)
-        if leave_one_out:  # the event's own transition, unless cut by the width
-            own = ops.cast(n_aj > 0, "float32")
-            n_aj, n_a = n_aj - own, n_a - own
-        log_q = self._log_q(n_aj, n_a, self._prior(tokens, targets))
+        hit = ops.expand_dims(successors, -2) == ops.expand_dims(songs, -1)  # [..., k, width]
+        n_aj = ops.sum(ops.expand_dims(counts, -2) * ops.cast(hit, "float32"), -1)
+        if targets is not None:  # the event's own transition, unless cut by the width
+            targets = ops.expand_dims(ops.cast(targets, "int32"), -1)
+            n_at = ops.sum(counts * ops.cast(successors == targets, "float32"), -1)
+            own = ops.cast(n_at > 0, "float32")
+            n_aj = n_aj - ops.expand_dims(own, -1) * ops.cast(songs == targets, "float32")
+            n_a = n_a - own
+        log_q = self._log_q(n_aj, ops.expand_dims(n_a, -1), self._prior(tokens, songs))
         return self._mix(log_p_model, log_q, queries, n_a)
+
+    def target_log_prob(self, log_p_model, queries, tokens, targets, leave_one_out: bool):
+        """float32 [...]: `log_prob` of each event's target (log_p_model [...] at it)."""
+        own = targets if leave_one_out else None
+        log_p_model, targets = ops.expand_dims(log_p_model, -1), ops.expand_dims(targets, -1)
+        return self.log_prob(log_p_model, queries, tokens, targets, own)[..., 0]
 
     def log_mixture(self, logits, queries, tokens):
         """float32 [..., songs]: log p(j | history) of the mixture for every song j.

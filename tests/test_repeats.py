@@ -23,7 +23,8 @@ def layer(window: int) -> repeats.RepeatBias:
     """A bias whose gap bucket i and play count c weigh i + 1 + 100 (c - 1), so both show."""
     bias = repeats.RepeatBias(window)
     buckets = np.arange(1, len(repeats.GAP_EDGES) + 1, dtype=np.float32)[:, None]
-    bias.gap_bias.assign(buckets + 100 * np.arange(repeats.PLAY_COUNTS, dtype=np.float32))
+    weights = buckets + 100 * np.arange(repeats.PLAY_COUNTS, dtype=np.float32)
+    bias.stored.assign(weights / repeats.BIAS_STEP)
     return bias
 
 
@@ -61,10 +62,9 @@ def test_biased_cross_entropy_equals_the_softmax_of_the_biased_logits():
     expected = expected[np.arange(3), targets]
     cross_entropy = -log_softmax(logits.astype(np.float64), -1)[np.arange(3), targets]
     hit = (songs - 1 == targets[:, None]).astype(np.float32)
-    history_logits = np.take_along_axis(logits, np.maximum(songs - 1, 0), 1)
-    got = repeats.biased_cross_entropy(
-        cross_entropy.astype(np.float32), logits[np.arange(3), targets], history_logits, bias, hit
-    )
+    log_p = log_softmax(logits, -1)
+    log_p_plays = np.take_along_axis(log_p, np.maximum(songs - 1, 0), 1)
+    got = repeats.biased_cross_entropy(cross_entropy.astype(np.float32), log_p_plays, bias, hit)
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -93,7 +93,7 @@ def whole_playlists(model, playlists: list) -> np.ndarray:
 def test_trained_model_windows_match_whole_playlists(trained):
     model = next_song_task.load_trained(trained, 3168)
     assert np.abs(model.repeat.gap_bias.numpy()).max() > 0.01  # the weights moved in training
-    model.repeat.gap_bias.assign(np.linspace(-3, 3, 36).reshape(12, 3))  # make them bite
+    model.repeat.stored.assign(np.linspace(-0.3, 0.3, 36).reshape(12, 3))  # w: -3 to 3, to bite
     data = yes_reader.load(trained.data_dir, trained.valid_fraction, trained.seed)
     test = [p for p in data.test if len(p) >= 2][:40]
     assert max(map(len, test)) > 2 * trained.num_steps  # windows carry songs across
@@ -119,7 +119,53 @@ def test_trained_model_windows_match_whole_playlists(trained):
         config_lib.Config(**settings, learning_rate=1e-30, repeat_window=6), 3168
     )
     fresh.set_weights(model.get_weights())
-    fresh.repeat.gap_bias.assign(model.repeat.gap_bias)
+    fresh.repeat.stored.assign(model.repeat.stored)
     expected = -np.mean(whole_playlists(fresh, test)[np.arange(len(targets)), targets])
     loss = fresh.fit(yes_reader.to_dataset(windows), verbose=0).history["loss"][0]
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def left_out_biased_log_p(model, playlists: list) -> np.ndarray:
+    """float64 [events]: log p(target) of each event of whole `playlists` under the repeat bias
+    on the transition mixture with the event's own transition left out, worked out one event at
+    a time from the model's parts (the event's count taken out of a copy of the table)."""
+    width = max(map(len, playlists))
+    tokens = np.array([np.pad(p, (0, width - len(p))) for p in playlists], np.int32)
+    queries, _ = model.features(tokens, model.zero_state(len(playlists)))
+    logits = np.asarray(model.head(queries))
+    songs, bias = model.repeat_inputs(tokens, width)
+    mixture, saved = model.mixture, model.mixture.counts.numpy()
+    out = []
+    for i, playlist in enumerate(playlists):
+        for t in range(len(playlist) - 1):
+            last, target = playlist[t], playlist[t + 1] - 1
+            counts = saved.copy()
+            counts[last] -= (mixture.successors.numpy()[last] == target) * (counts[last] > 0)
+            mixture.counts.assign(counts)
+            log_p = mixture.log_mixture(logits[i, t][None], queries[i, t][None], [last])
+            biased = repeats.add_bias(log_p, songs[i, t][None], bias[i, t][None])
+            out.append(log_softmax(np.asarray(biased, np.float64), -1)[0, target])
+    mixture.counts.assign(saved)
+    return np.array(out)
+
+
+def test_training_loss_biases_the_left_out_transition_mixture():
+    # Tokens of playlists over 5 songs that come back to their songs: with few transitions and
+    # a catalog this small, leaving an event out and the plays' bias both move the loss.
+    train = [np.array(p) for p in ([1, 2, 3, 1, 2, 4], [2, 3, 1, 2, 3], [4, 5, 4, 5, 1, 3, 4])]
+    catalog = yes_reader.Catalog(("t",) * 5, ("a",) * 5)
+    data = yes_reader.YesData(catalog, train, [], [])
+    cfg = config_lib.Config(
+        embedding_size=8, hidden_size=8, batch_size=2, num_steps=3, learning_rate=1e-30,
+        transition="markov", repeat_window=6,
+    )  # fmt: skip
+    keras.utils.set_random_seed(0)
+    model = musicmodel.build_model(
+        cfg, 5, transition_tables=next_song_task.transition_tables(cfg, data)
+    )
+    model.repeat.stored.assign(np.linspace(-0.3, 0.3, 36).reshape(12, 3))
+    model.mixture.gate.bias.assign([-1.0])  # mostly the transitions
+    expected = -np.mean(left_out_biased_log_p(model, train))
+    windows = yes_reader.make_windows(train, cfg.batch_size, cfg.num_steps)
+    loss = model.fit(yes_reader.to_dataset(windows), verbose=0).history["loss"][0]
+    assert loss == pytest.approx(expected, rel=1e-5)

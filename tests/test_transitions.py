@@ -12,6 +12,7 @@ import config as config_lib
 import kernels
 import musicmodel
 import next_song_task
+import repeats
 import serving
 import transitions
 import yes_reader
@@ -67,6 +68,43 @@ def test_target_probability_worked_by_hand_with_and_without_leave_one_out():
     # q = (0 + 2 * 3/19) / (1 + 2) = 2/19.
     p = np.exp(mixture(width=1).target_log_prob(log_p_model, queries, [3], [4], True))
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 2 / 19], rtol=1e-6)
+
+
+def test_several_songs_of_an_event_leave_its_own_transition_out_by_hand():
+    layer = mixture(width=3)
+    queries, log_p_model = np.zeros((1, 2), np.float32), np.log([[0.1, 0.2, 0.3]])
+    # After song 1 (token 2; 1 -> 2 three times), target song 2 left out: n_a = 2, n_12 = 2.
+    # q(2) = (2 + 2 * 4/19) / 4, q(0) = 2 * 4/19 / 4, q(3) = 2 * 3/19 / 4.
+    p = np.exp(layer.log_prob(log_p_model.astype(np.float32), queries, [2], [[2, 0, 3]], [2]))
+    q = np.array([2 + 8 / 19, 8 / 19, 6 / 19]) / 4
+    np.testing.assert_allclose(p, 0.5 * np.array([[0.1, 0.2, 0.3]]) + 0.5 * q, rtol=1e-6)
+    # Every song's left-out probability, with p_model a distribution: they sum to 1.
+    log_p_model = log_softmax(np.arange(5, dtype=np.float32))[None]
+    p = np.exp(layer.log_prob(log_p_model, queries, [2], [np.arange(5)], [2]))
+    np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
+
+
+def test_repeat_bias_on_the_left_out_mixture_by_hand():
+    # The training loss of --transition with --repeat_window: -log of the target under the
+    # left-out mixture (one event: song 1 -> song 2), biased at the history's songs and
+    # renormalised, from the mixture at the target and at the plays alone.
+    layer = mixture(width=3)
+    counts = layer.counts.numpy()
+    counts[2, 0] -= 1  # token 2's successor 0 is song 2
+    layer.counts.assign(counts)
+    queries = np.zeros((1, 2), np.float32)
+    log_p_model = log_softmax(np.array([[0.3, -1.0, 0.5, 2.0, 0.1]]), -1).astype(np.float32)
+    full = np.asarray(layer.log_mixture(log_p_model, queries, [2]))  # counts already left out
+    plays, bias = np.array([[4, 1, 2]]), np.array([[0.7, -2.0, 0.0]], np.float32)  # song ids
+    biased = full.copy()
+    biased[0, plays[0]] += bias[0]
+    expected = -log_softmax(biased, -1)[0, 2]
+    layer = mixture(width=3)  # the table with the event's own transition, left out in training
+    at_target = layer.target_log_prob(log_p_model[:, 2], queries, [2], [2], True)
+    at_plays = layer.log_prob(np.take(log_p_model, plays), queries, [2], plays, [2])
+    hit = (plays == 2).astype(np.float32)
+    got = repeats.biased_cross_entropy(-at_target, at_plays, bias, hit)
+    np.testing.assert_allclose(got, [expected], rtol=1e-5)
 
 
 def test_artist_prior_worked_by_hand():
