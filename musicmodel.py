@@ -73,9 +73,8 @@ class MusicModel(keras.Model):
     """
 
     SAVED = ("num_songs", "cell", "num_layers", "embedding_size", "hidden_size", "dropout")
-    SAVED += ("batch_size", "tie_embeddings", "loss_weighting")
+    SAVED += ("batch_size", "tie_embeddings", "loss_weighting", "repeat_window", "repeat_step")
     SAVED += ("side_features", "num_artists", "num_tags", "transition", "transition_width")
-    SAVED += ("repeat_window",)
 
     def __init__(
         self,
@@ -101,6 +100,7 @@ class MusicModel(keras.Model):
         transition_width: int = 128,
         transition_tables: dict | None = None,
         repeat_window: int = 0,
+        repeat_step: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -151,8 +151,8 @@ class MusicModel(keras.Model):
                 num_songs, transition_width, dims, transition_tables,
                 artists=transition == "markov_artist", name="transition",
             )  # fmt: skip
-        repeats.check_repeat_window(repeat_window, softmax)
-        self.repeat_window, self.repeat = repeat_window, None
+        repeats.check_repeat_window(repeat_window, softmax, repeat_step)
+        self.repeat_window, self.repeat_step, self.repeat = repeat_window, repeat_step, None
         if repeat_window:
             self.repeat = repeats.RepeatBias(repeat_window, name="repeat")
             with keras.name_scope(self.name):
@@ -199,9 +199,8 @@ class MusicModel(keras.Model):
         return self.head.kernel, self.head.bias
 
     def scores(self, queries, tokens, repeat: tuple | None = None):
-        """Logits float32 [..., songs] of `features` queries [..., dims] after `tokens` [...],
-        in float32 whatever the dtype policy (bfloat16 logits would tie many songs); with
-        `repeat` = (songs [..., length], bias [..., length]) the repeat bias added last."""
+        """Logits float32 [..., songs] of queries [..., dims] after `tokens` [...], float32 under
+        any dtype policy (bfloat16 would tie many songs); `repeat` (`repeat_inputs`) added last."""
         if self.tie_embeddings:
             kernel, bias = self.output_layer()
             logits = ops.matmul(ops.cast(queries, "float32"), kernel) + bias
@@ -437,6 +436,7 @@ def build_model(
             transition_width=config.transition_width,
             transition_tables=transition_tables,
             repeat_window=config.repeat_window,
+            repeat_step=repeats.BIAS_STEP,
             **(side or {}),
             **recurrent.stack_args(config),
         )

@@ -35,13 +35,19 @@ PLAY_COUNTS = 3  # plays in the window: 1, 2, 3 or more
 BIAS_STEP = 10.0
 
 
-def check_repeat_window(window: int, softmax: str) -> None:
+def check_repeat_window(window: int, softmax: str, step: float = BIAS_STEP) -> None:
     """Raises `ConfigError` naming --repeat_window if it is negative, or set with a sampled
-    softmax (whose training loss never sees the songs of the history)."""
+    softmax (whose training loss never sees the songs of the history); `ValueError` for a saved
+    model whose weights were stored at another `step` (0: saved before `BIAS_STEP` existed)."""
     if window < 0:
         raise ConfigError(f"--repeat_window={window}: must be >= 0 (0: off)")
     if window and softmax != "full":
         raise ConfigError(f"--repeat_window={window} needs --softmax=full, not {softmax}")
+    if window and step != BIAS_STEP:
+        raise ValueError(
+            "its repeat bias was saved by an earlier deepcf (weights stored at step "
+            f"{step or 1:g}, not {BIAS_STEP:g}, and added before the transitions): train it again"
+        )
 
 
 class RepeatBias(keras.layers.Layer):

@@ -4,19 +4,23 @@ pass over whole playlists."""
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import keras
 import numpy as np
 import pytest
 from scipy.special import log_softmax
 
 import config as config_lib
+import modeltrainer
 import musicmodel
 import next_song_task
 import repeats
 import serving
 import yes_reader
 from conftest import train_small
-from errors import ConfigError
+from errors import ConfigError, ModelError
 
 
 def layer(window: int) -> repeats.RepeatBias:
@@ -123,6 +127,24 @@ def test_trained_model_windows_match_whole_playlists(trained):
     expected = -np.mean(whole_playlists(fresh, test)[np.arange(len(targets)), targets])
     loss = fresh.fit(yes_reader.to_dataset(windows), verbose=0).history["loss"][0]
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_a_model_saved_before_the_bias_step_is_refused_with_a_clear_error(trained, tmp_path):
+    assert modeltrainer.load_model(trained.model_dir).repeat_step == repeats.BIAS_STEP
+    old = tmp_path / "model.keras"  # the same file as an earlier deepcf wrote it: no repeat_step
+    with (
+        zipfile.ZipFile(f"{trained.model_dir}/model.keras") as src,
+        zipfile.ZipFile(old, "w") as dst,
+    ):
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                del config["config"]["repeat_step"]
+                data = json.dumps(config)
+            dst.writestr(item, data)
+    with pytest.raises(ModelError, match="model.keras: cannot load .*saved by an earlier deepcf"):
+        modeltrainer.load_model(str(tmp_path))
 
 
 def left_out_biased_log_p(model, playlists: list) -> np.ndarray:
