@@ -302,16 +302,14 @@ class MusicModel(keras.Model):
                     events = real_events(weights, *events)
                 queries, targets, weights, tokens = events[:4]
                 per_event = kernels.softmax_cross_entropy(queries, targets + first, rows, bias)
-                if history is not None:  # log p of the plays, from the target's
-                    target_logit, history_logits, songs, *repeat = events[4:]
-                    log_p_h = history_logits - (per_event + target_logit)[:, None]
+            log_p, songs = -per_event[..., None], ops.cast(targets, "int32")[..., None]
+            if history is not None:  # then at the history's plays
+                log_p, songs, repeat = repeats.with_plays(log_p, songs, *events[4:])
             if self.mixture is not None:  # each event left out of the transition counts
-                log_p = self.mixture.target_log_prob(-per_event, queries, tokens, targets, True)
-                per_event = -log_p
-                if history is not None:
-                    log_p_h = self.mixture.log_prob(log_p_h, queries, tokens, songs, targets)
+                log_p = self.mixture.log_prob(log_p, queries, tokens, songs, targets)
+            per_event = -log_p[..., 0]
             if history is not None:  # the repeat bias on the mixture's distribution
-                per_event = repeats.biased_cross_entropy(per_event, log_p_h, *repeat)
+                per_event = repeats.biased_cross_entropy(per_event, log_p[..., 1:], *repeat)
             loss = weighted_mean(per_event, weights, count)
         grads = tape.gradient(loss, self.trainable_variables)
         self.optimizer.apply(grads, self.trainable_variables)

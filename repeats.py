@@ -119,6 +119,15 @@ class RepeatBias(keras.layers.Layer):
         return target_logit, history_logits, songs, bias, hit
 
 
+def with_plays(log_p, songs, target_logit, history_logits, plays, bias, target_hit) -> tuple:
+    """(log p [n, 1 + length], songs [n, 1 + length], (bias, target_hit)) of the softmax: `log_p`
+    and `songs` [n, 1] at each event's target, then at its history's plays (`loss_terms` of the
+    events: a play's log p is its logit less the target's, plus the target's log p)."""
+    log_p_plays = history_logits + (log_p - target_logit[:, None])
+    log_p = ops.concatenate([log_p, log_p_plays], -1)
+    return log_p, ops.concatenate([songs, plays], -1), (bias, target_hit)
+
+
 def add_bias(logits, songs, bias):
     """logits float32 [..., num_songs] plus `bias` [..., length] at the columns of `songs`
     (tokens int [..., length]; padding adds its 0 bias to column 0)."""

@@ -134,12 +134,6 @@ class TransitionMixture(keras.layers.Layer):
         log_q = self._log_q(n_aj, ops.expand_dims(n_a, -1), self._prior(tokens, songs))
         return self._mix(log_p_model, log_q, queries, n_a)
 
-    def target_log_prob(self, log_p_model, queries, tokens, targets, leave_one_out: bool):
-        """float32 [...]: `log_prob` of each event's target (log_p_model [...] at it)."""
-        own = targets if leave_one_out else None
-        log_p_model, targets = ops.expand_dims(log_p_model, -1), ops.expand_dims(targets, -1)
-        return self.log_prob(log_p_model, queries, tokens, targets, own)[..., 0]
-
     def log_mixture(self, logits, queries, tokens):
         """float32 [..., songs]: log p(j | history) of the mixture for every song j.
 

@@ -54,19 +54,29 @@ def mixture(width: int, dims: int = 2, artists: bool = False) -> transitions.Tra
     return layer
 
 
+def target_log_prob(layer, log_p_model, queries, tokens, targets, leave_one_out: bool):
+    """The mixture's log p [events] at each event's target (`log_p_model` [events] there)."""
+    targets = np.asarray(targets)
+    p = layer.log_prob(
+        np.asarray(log_p_model)[:, None], queries, tokens, targets[:, None],
+        targets if leave_one_out else None,
+    )  # fmt: skip
+    return np.asarray(p)[:, 0]
+
+
 def test_target_probability_worked_by_hand_with_and_without_leave_one_out():
     layer = mixture(width=3)
     queries, tokens, targets = np.zeros((1, 2), np.float32), np.array([2]), np.array([2])
     log_p_model = np.log(np.array([0.1], np.float32))
     # Song 1 -> song 2: n_aj = n_a = 3; p_pop(2) = 4/19; q = (3 + 2 * 4/19) / (3 + 2) = 13/19.
-    p = np.exp(layer.target_log_prob(log_p_model, queries, tokens, targets, False))
+    p = np.exp(target_log_prob(layer, log_p_model, queries, tokens, targets, False))
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 13 / 19], rtol=1e-6)
     # Left out: n_aj = n_a = 2; q = (2 + 8/19) / (2 + 2) = 23/38.
-    p = np.exp(layer.target_log_prob(log_p_model, queries, tokens, targets, True))
+    p = np.exp(target_log_prob(layer, log_p_model, queries, tokens, targets, True))
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 23 / 38], rtol=1e-6)
     # Width 1 cuts song 2 -> song 4 (a tie, later id): nothing of it to leave out, n_a = 1;
     # q = (0 + 2 * 3/19) / (1 + 2) = 2/19.
-    p = np.exp(mixture(width=1).target_log_prob(log_p_model, queries, [3], [4], True))
+    p = np.exp(target_log_prob(mixture(width=1), log_p_model, queries, [3], [4], True))
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 2 / 19], rtol=1e-6)
 
 
@@ -100,7 +110,7 @@ def test_repeat_bias_on_the_left_out_mixture_by_hand():
     biased[0, plays[0]] += bias[0]
     expected = -log_softmax(biased, -1)[0, 2]
     layer = mixture(width=3)  # the table with the event's own transition, left out in training
-    at_target = layer.target_log_prob(log_p_model[:, 2], queries, [2], [2], True)
+    at_target = target_log_prob(layer, log_p_model[:, 2], queries, [2], [2], True)
     at_plays = layer.log_prob(np.take(log_p_model, plays), queries, [2], plays, [2])
     hit = (plays == 2).astype(np.float32)
     got = repeats.biased_cross_entropy(-at_target, at_plays, bias, hit)
@@ -113,13 +123,13 @@ def test_artist_prior_worked_by_hand():
     # After song 1 (token 2; n_a = 3, all to song 2), ρ = 1/2:
     # song 0, Ann like song 1, no transition: prior = 4/19 / 2 + 4/9 / 2, q = 2 prior / 5;
     # song 2, Bo: prior = 4/19 / 2, q = (3 + 2 prior) / 5 (markov alone: 13/19).
-    p = np.exp(layer.target_log_prob(log_p_model, queries, [2, 2], [0, 2], False))
+    p = np.exp(target_log_prob(layer, log_p_model, queries, [2, 2], [0, 2], False))
     prior_0 = (4 / 19 + 4 / 9) / 2
     q = [2 * prior_0 / 5, (3 + 2 * (4 / 19) / 2) / 5]
     np.testing.assert_allclose(p, 0.5 * 0.1 + 0.5 * np.array(q), rtol=1e-6)
     # ρ is learned: at ρ -> 0 the prior is popularity again, markov's q.
     layer.artist_logit.assign(-50.0)
-    p = np.exp(layer.target_log_prob(log_p_model[:1], queries[:1], [2], [2], False))
+    p = np.exp(target_log_prob(layer, log_p_model[:1], queries[:1], [2], [2], False))
     np.testing.assert_allclose(p, [0.5 * 0.1 + 0.5 * 13 / 19], rtol=1e-6)
 
 
@@ -136,8 +146,8 @@ def test_full_rows_are_distributions_that_agree_with_the_target_path(artists):
     for target in range(5):
         targets = np.full(6, target)
         at_target = np.take_along_axis(log_softmax(logits, -1).reshape(6, 5), targets[:, None], 1)
-        expected = layer.target_log_prob(
-            at_target[:, 0], queries.reshape(6, 2), tokens.reshape(6), targets, False
+        expected = target_log_prob(
+            layer, at_target[:, 0], queries.reshape(6, 2), tokens.reshape(6), targets, False
         )
         np.testing.assert_allclose(log_p.reshape(6, 5)[:, target], expected, rtol=1e-5)
 
