@@ -184,6 +184,7 @@ class Config:
         tasks=NEXT_SONG,
     )
     song_init: str = flagspec.song_init()
+    bias_init: str = flagspec.bias_init()
     strategy: str = _field(
         "default",
         "training",

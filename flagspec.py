@@ -155,6 +155,16 @@ def song_init() -> Any:
     return field("random", "training", text, choices=SONG_INITS, tasks=NEXT_SONG)
 
 
+BIAS_INITS = ("zeros", "popularity")  # see warmstart.py
+
+
+def bias_init() -> Any:
+    """`--bias_init` (a training flag of --task=next_song)."""
+    text = "Where the songs' output biases start: zeros, or popularity: log(training events + 1), "
+    text += "centred, so the softmax starts at the songs' add-one popularity (warmstart.py)."
+    return field("zeros", "training", text, choices=BIAS_INITS, tasks=NEXT_SONG)
+
+
 VALID_SPLITS = ("auto", "random", "tail")  # see yes_reader.split_validation
 
 

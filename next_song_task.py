@@ -208,6 +208,7 @@ class NextSongTask:
                 train_steps=config.num_epochs * windows.num_windows,
             )
         warmstart.init_songs(model, config, data.train)
+        warmstart.init_bias(model, config, counts)
         callbacks = []
         if yes_reader.count_events(data.valid):
             valid = yes_reader.make_windows(data.valid, config.batch_size, config.num_steps)

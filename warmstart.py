@@ -1,5 +1,6 @@
 """Where a training's song rows start: `--init_from` (another run's weights, catalog rows matched
-by song key) or `--song_init=cooccurrence` (the songs' co-occurrence in the training playlists)."""
+by song key), `--song_init=cooccurrence` (the songs' co-occurrence in the training playlists) and
+`--bias_init=popularity` (the songs' training counts)."""
 
 from __future__ import annotations
 
@@ -131,3 +132,16 @@ def init_songs(
     rows = cooccurrence_rows(playlists, model.num_songs, table.shape[1], config.seed)
     table.assign(np.concatenate([table.numpy()[:1], rows]))
     logging.info("song rows initialised from co-occurrence in the training playlists")
+
+
+def init_bias(model: MusicModel, config: config_lib.Config, counts: np.ndarray) -> None:
+    """With `--bias_init=popularity`, sets `model`'s output bias of song s to log(counts[s] + 1)
+    less its mean over the songs (`counts`: training events per song): a query of zeros then
+    scores the songs by their add-one popularity. A small log's few hundred updates move a bias
+    about the learning rate each, far less than the spread of its songs' log counts."""
+    if config.bias_init != "popularity":
+        return
+    bias = model.output_bias if model.tie_embeddings else model.head.bias
+    log_counts = np.log(np.asarray(counts, np.float64) + 1.0)
+    bias.assign((log_counts - log_counts.mean()).astype(np.float32))
+    logging.info("song output biases initialised from the training popularity")

@@ -196,3 +196,22 @@ def test_song_init_sets_the_song_rows_and_keeps_the_padding_row():
     table = model.embedding.embeddings.numpy()
     np.testing.assert_array_equal(table[0], before[0])
     np.testing.assert_array_equal(table[1:], warmstart.cooccurrence_rows(playlists, 5, 2, seed=3))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bias_init_starts_the_softmax_at_add_one_popularity(tied):
+    # Counts 3, 0, 1, 7: biases log(4, 1, 2, 8) less their mean, log 8 / 4 = 0.5198.
+    config = config_lib.Config(embedding_size=2, hidden_size=3, batch_size=2, tie_embeddings=tied)
+    model = musicmodel.build_model(config, 4)
+    bias = model.output_bias if tied else model.head.bias
+    counts = np.array([3, 0, 1, 7])
+    warmstart.init_bias(model, config, counts)  # --bias_init=zeros: nothing changes
+    np.testing.assert_array_equal(bias.numpy(), np.zeros(4))
+    warmstart.init_bias(model, dataclasses.replace(config, bias_init="popularity"), counts)
+    mean = math.log(64) / 4
+    expected = [math.log(4) - mean, -mean, math.log(2) - mean, math.log(8) - mean]
+    np.testing.assert_allclose(bias.numpy(), expected, rtol=1e-6)
+    # A query of zeros scores every song by its bias alone: the softmax is (count + 1) / 15.
+    logits = np.asarray(model.scores(np.zeros((1, 2 if tied else 3), np.float32), [1]))
+    softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    np.testing.assert_allclose(softmax, [[4 / 15, 1 / 15, 2 / 15, 8 / 15]], rtol=1e-5)
