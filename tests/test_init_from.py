@@ -200,7 +200,7 @@ def test_song_init_sets_the_song_rows_and_keeps_the_padding_row():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_bias_init_starts_the_softmax_at_add_one_popularity(tied):
-    # Counts 3, 0, 1, 7: biases log(4, 1, 2, 8) less their mean, log 8 / 4 = 0.5198.
+    # Counts 3, 0, 1, 7: biases log(4, 1, 2, 8) less their mean, log(64) / 4 = 1.0397.
     config = config_lib.Config(embedding_size=2, hidden_size=3, batch_size=2, tie_embeddings=tied)
     model = musicmodel.build_model(config, 4)
     bias = model.output_bias if tied else model.head.bias
